@@ -1,0 +1,27 @@
+"""pyro_lvm: latent-variable models as first-class citizens of Pyro.
+
+Define a model/guide pair (or pick :class:`VAE`), pick an estimator of the ELBO's
+gradient (:func:`make_elbo`), a KL weight or schedule (:mod:`pyro_lvm.schedules`),
+and train with :func:`fit` or ``pyro-lvm fit``.
+"""
+
+from . import data, estimators, likelihoods, nets, plots, schedules
+from .estimators import make_elbo
+from .models.vae import VAE
+from .training import LVMModule, elbo_terms, fit
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VAE",
+    "LVMModule",
+    "fit",
+    "elbo_terms",
+    "make_elbo",
+    "data",
+    "estimators",
+    "likelihoods",
+    "nets",
+    "plots",
+    "schedules",
+]

@@ -1,0 +1,187 @@
+"""The ``pyro-lvm`` command line: ``pyro-lvm fit --config FILE.yaml`` (LightningCLI).
+
+Every constructor argument of the model (:class:`pyro_lvm.LVMModule` and the
+pair it wraps, e.g. :class:`pyro_lvm.VAE`), the estimator, the data module and
+the ``Trainer`` is a YAML key and a ``--flag``; ``pyro-lvm fit --help`` lists
+them and ``pyro-lvm fit --print_config`` prints a complete config. With no
+arguments, ``pyro-lvm fit`` trains a VAE on scikit-learn's 8x8 digits and writes
+a run folder with the checkpoints, ``metrics.csv``, ``config.yaml`` and
+pictures.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import os
+import re
+import warnings
+from pathlib import Path
+from typing import Any, Optional
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities import rank_zero_only
+
+from .checkpoints import load_checkpoint
+from .plots import plot_loss_curves, plot_reconstructions, plot_samples
+from .training import LVMModule
+
+__all__ = ["RunReport", "LVMCLI", "main", "DEFAULT_CONFIG"]
+
+DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
+
+
+class RunReport(pl.Callback):
+    """At the end of ``fit``, write pictures into the run folder and say where everything is.
+
+    ``loss_curves.png`` (from ``metrics.csv``), and for models with
+    ``reconstruct``/``sample`` (such as :class:`pyro_lvm.VAE`) and image-like
+    data, ``reconstructions.png`` (validation inputs above their
+    reconstructions) and ``samples.png`` (draws from the prior).
+    """
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        metrics = run_dir / "metrics.csv"
+        if metrics.is_file():
+            written.append(plot_loss_curves(metrics, run_dir / "loss_curves.png"))
+        lvm = getattr(pl_module, "lvm", None)
+        if lvm is not None and hasattr(lvm, "reconstruct") and hasattr(lvm, "sample"):
+            written += self._pictures(trainer, lvm, run_dir)
+        ckpt = trainer.checkpoint_callback
+        lines = [f"Run folder: {run_dir.resolve()}"]
+        if ckpt is not None and ckpt.best_model_path:
+            lines.append(f"  best checkpoint: {ckpt.best_model_path}")
+        if ckpt is not None and ckpt.last_model_path:
+            lines.append(f"  last checkpoint: {ckpt.last_model_path}")
+        lines += [f"  {p.name}: {p}" for p in written]
+        if "val/elbo" in trainer.callback_metrics:
+            lines.append(f"  validation ELBO: {float(trainer.callback_metrics['val/elbo']):.3f} nats per data point")
+        print("\n".join(lines))
+
+    @staticmethod
+    def _pictures(trainer: pl.Trainer, lvm, run_dir: Path) -> list[Path]:
+        datamodule = trainer.datamodule
+        loader = datamodule.val_dataloader() if datamodule is not None else None
+        if loader is None:
+            return []
+        batch = next(iter(loader))
+        x = batch["x"] if isinstance(batch, dict) else batch
+        x = x.to(next(lvm.parameters()).device)
+        try:
+            was_training = lvm.training
+            lvm.eval()
+            out = [
+                plot_reconstructions(lvm, x, run_dir / "reconstructions.png"),
+                plot_samples(lvm, run_dir / "samples.png"),
+            ]
+            lvm.train(was_training)
+        except ValueError:  # data that are not images
+            return []
+        return out
+
+
+def _valid_keys(parser: LightningArgumentParser, key: str) -> list[str]:
+    """Names that are accepted next to ``key`` (siblings in the config tree)."""
+    prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+    names = set()
+    for action in parser._actions:
+        dest = getattr(action, "dest", "")
+        if dest.startswith(prefix) and dest != prefix:
+            names.add(dest[len(prefix) :].split(".")[0])
+    return sorted(n for n in names if n not in ("help", "config", "print_config"))
+
+
+def _class_options(class_path: str) -> list[str]:
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        return [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "args", "kwargs")]
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return []
+
+
+class _Parser(LightningArgumentParser):
+    """Adds the valid keys (and the closest match) to jsonargparse's unknown-key errors."""
+
+    def error(self, message: str, ex: Optional[Exception] = None):
+        hints = []
+        unknown = re.findall(r"(?:Subcommand '(\w+)' )?does not accept option '([\w.]+)'", message)
+        unknown += [("", key) for key in re.findall(r"unrecognized arguments:.*?--([\w.]+)", message)]
+        for subcommand, key in unknown:
+            parser = self._subcommands_action._name_parser_map[subcommand] if subcommand else self
+            valid = _valid_keys(parser, key)
+            close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+            hints.append(
+                f"Unknown key '{key}'."
+                + (f" Did you mean '{close[0]}'?" if close else "")
+                + f" Valid keys there: {', '.join(valid)}."
+            )
+        for class_path, option in re.findall(
+            r"class_path '([\w.]+)'[^\n]*\n\s*Option '(\w+)' is not accepted", message
+        ):
+            valid = _class_options(class_path)
+            close = difflib.get_close_matches(option, valid, n=1)
+            hints.append(
+                f"Unknown key '{option}' for {class_path}."
+                + (f" Did you mean '{close[0]}'?" if close else "")
+                + f" Valid keys: {', '.join(valid)}."
+            )
+        if hints:
+            message = message + "\n" + "\n".join(hints)
+        super().error(message, ex)
+
+
+class LVMCLI(LightningCLI):
+    """LightningCLI for :class:`pyro_lvm.LVMModule` and any Lightning data module."""
+
+    def __init__(self, args: Optional[list[str]] = None, **kwargs):
+        kwargs.setdefault("parser_kwargs", {}).setdefault(
+            "fit", {"default_config_files": [str(DEFAULT_CONFIG)]}
+        )
+        kwargs.setdefault("trainer_defaults", {"callbacks": [RunReport()]})
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", _Parser)
+        super().__init__(
+            LVMModule,
+            pl.LightningDataModule,
+            subclass_mode_data=True,
+            args=args,
+            **kwargs,
+        )
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint while parsing; check it first so that a
+        # corrupt or foreign file gets pyro_lvm's message, not a pickle traceback.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config.get(subcommand, {}).get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
+            load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def fit(self, model, datamodule=None, ckpt_path: Optional[str] = None, weights_only: Optional[bool] = None, **kwargs) -> None:
+        """``Trainer.fit``, loading a checkpoint with ``weights_only=True`` by default."""
+        self.trainer.fit(
+            model, datamodule=datamodule, ckpt_path=ckpt_path,
+            weights_only=True if weights_only is None else weights_only, **kwargs,
+        )
+
+
+def main(args: Optional[list[str]] = None) -> None:
+    """Entry point of the ``pyro-lvm`` console script."""
+    # Version-compatibility notices between Lightning, jsonargparse and torch that a
+    # user can do nothing about; they would precede every run.
+    os.environ.setdefault("JSONARGPARSE_DEPRECATION_WARNINGS", "off")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    torch.set_float32_matmul_precision("high")
+    LVMCLI(args=args)
+
+
+if __name__ == "__main__":
+    main()

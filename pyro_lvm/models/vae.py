@@ -1,0 +1,158 @@
+"""The variational autoencoder as a Pyro model/guide pair."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence, Union
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+from pyro.infer.util import is_validation_enabled
+from torch.nn.functional import softplus
+
+from ..likelihoods import Likelihood, make_likelihood
+from ..nets import MLP
+
+__all__ = ["VAE"]
+
+
+class VAE(PyroModule):
+    r"""Variational autoencoder (Kingma & Welling 2014; Rezende et al. 2014).
+
+    The generative model and the amortized guide are
+
+    .. math::
+
+        p_\theta(x, z) = \mathcal N(z \mid 0, I)\, p_\theta(x \mid z), \qquad
+        q_\phi(z \mid x) = \mathcal N\big(z \mid \mu_\phi(x), \operatorname{diag}\sigma_\phi(x)^2\big),
+
+    and training maximizes the evidence lower bound (Jensen's inequality)
+
+    .. math::
+
+        \log p_\theta(x) = \log \mathbb E_{q}\Big[\frac{p_\theta(x, z)}{q_\phi(z\mid x)}\Big]
+        \ \ge\ \mathbb E_{q}[\log p_\theta(x \mid z)] - \mathrm{KL}(q_\phi(z\mid x)\,\|\,p(z)).
+
+    :meth:`model` and :meth:`guide` are the pair that :class:`pyro.infer.SVI`
+    and :class:`pyro_lvm.LVMModule` take. The latent ``z`` is the sample site
+    ``"z"`` inside ``pyro.plate("data")``; pass ``num_data`` to scale a
+    mini-batch up to the full data set (subsampling).
+
+    References:
+        Auto-Encoding Variational Bayes (Kingma & Welling, 2014), https://arxiv.org/abs/1312.6114
+
+    Arguments:
+        data_shape: shape of one data point (an int for flat vectors).
+        latent_dim: dimension of ``z``.
+        hidden_dims: widths of the encoder's hidden layers; the decoder mirrors them.
+        likelihood: ``"bernoulli"`` (binary data) or ``"gaussian"``.
+        likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
+        activation: nonlinearity of both networks.
+
+    Example:
+        >>> import pyro
+        >>> vae = VAE(data_shape=4, latent_dim=2, hidden_dims=[8])
+        >>> x = torch.bernoulli(torch.full((5, 4), 0.5))
+        >>> elbo = pyro.infer.Trace_ELBO()
+        >>> float(elbo.loss(vae.model, vae.guide, x)) > 0
+        True
+        >>> vae.sample(3).shape
+        torch.Size([3, 4])
+    """
+
+    def __init__(
+        self,
+        data_shape: Union[int, Sequence[int]] = 64,
+        latent_dim: int = 2,
+        hidden_dims: Sequence[int] = (256, 128),
+        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood_scale: Union[float, Literal["learned"]] = "learned",
+        activation: str = "relu",
+    ):
+        super().__init__()
+        if latent_dim < 1:
+            raise ValueError(f"latent_dim must be a positive integer; got {latent_dim}.")
+        self.config = dict(
+            data_shape=data_shape if isinstance(data_shape, int) else list(data_shape),
+            latent_dim=latent_dim,
+            hidden_dims=list(hidden_dims),
+            likelihood=likelihood,
+            likelihood_scale=likelihood_scale,
+            activation=activation,
+        )
+        self.latent_dim = latent_dim
+        self.likelihood: Likelihood = make_likelihood(
+            likelihood, data_shape, scale=likelihood_scale
+        )
+        self.event_shape = self.likelihood.event_shape
+        data_dim = self.likelihood.data_dim
+        self.encoder = MLP(data_dim, hidden_dims, 2 * latent_dim, activation)
+        self.decoder = MLP(latent_dim, list(reversed(hidden_dims)), data_dim, activation)
+
+    # ----- the Pyro model/guide pair -------------------------------------------------
+    def prior(self, batch_shape: torch.Size = torch.Size()) -> dist.TorchDistribution:
+        """p(z) = N(0, I) with the given batch shape."""
+        zeros = self.encoder[0].weight.new_zeros(batch_shape + (self.latent_dim,))
+        return dist.Normal(zeros, 1.0).to_event(1)
+
+    def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+        """p(x, z): ``z ~ N(0, I)``, ``x ~ p(x | z)``; observes ``x``."""
+        self._check(x)
+        pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
+        with self._plate(x, num_data):
+            z = pyro.sample("z", self.prior())
+            return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+        """q(z | x) = N(mu(x), diag sigma(x)^2): the amortized encoder."""
+        self._check(x, support=False)
+        pyro.module("encoder", self.encoder)
+        with self._plate(x, num_data):
+            loc, scale = self.encode(x)
+            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
+
+    def _plate(self, x: torch.Tensor, num_data: Optional[int]):
+        batch = x.shape[0]
+        if num_data is None:
+            return pyro.plate("data", batch)
+        # x is a mini-batch of a data set of num_data points: scale by num_data / batch
+        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
+
+    def _check(self, x: torch.Tensor, support: bool = True) -> None:
+        if is_validation_enabled():
+            if x.dim() != len(self.event_shape) + 1 or x.shape[1:] != self.event_shape:
+                raise ValueError(
+                    f"VAE expects a batch of shape (batch, {', '.join(map(str, self.event_shape))}); "
+                    f"got {tuple(x.shape)}. Set data_shape to the data's shape, or reshape the data."
+                )
+            if support:
+                self.likelihood.check(x)
+
+    # ----- conveniences --------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of q(z | x)."""
+        h = self.encoder(x.reshape(x.shape[: x.dim() - len(self.event_shape)] + (-1,)))
+        loc, raw = h.split(self.latent_dim, dim=-1)
+        return loc, softplus(raw) + 1e-5
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x | z], e.g. pixel probabilities for a Bernoulli likelihood."""
+        return self.likelihood.mean(self.decoder(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """E[x | z] at z = the posterior mean (or a posterior draw if ``sample``)."""
+        loc, scale = self.encode(x)
+        return self.decode(loc + scale * torch.randn_like(scale) if sample else loc)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
+        """Draw ``x`` from the model: E[x | z] (``mean=True``) or a draw of x, z ~ p(z)."""
+        z = self.prior(torch.Size([num_samples])).sample()
+        h = self.decoder(z)
+        return self.likelihood.mean(h) if mean else self.likelihood(h).sample()
+
+    def extra_repr(self) -> str:
+        return f"latent_dim={self.latent_dim}, event_shape={tuple(self.event_shape)}"

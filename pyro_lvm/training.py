@@ -1,0 +1,403 @@
+"""Training: a LightningModule around any Pyro model/guide pair and an ELBO estimator."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import random
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
+import pyro
+import pytorch_lightning as pl
+import torch
+from pyro import poutine
+from pyro.distributions import constraints
+from pyro.infer import ELBO
+from pyro.infer.elbo import ELBOModule
+from torch import nn
+
+from .checkpoints import load_checkpoint
+from .data import TensorDataModule
+from .estimators import make_elbo
+from .schedules import Constant, Schedule
+
+__all__ = ["LVMModule", "elbo_terms", "fit"]
+
+_BUFFER_PREFIX = "__baseline"  # Pyro keeps decaying-average baselines in the param store
+
+
+def _escape(name: str) -> str:
+    # nn.ParameterDict keys may not contain "."
+    return name.replace(".", "/")
+
+
+def _owner(fn: Any) -> Optional[nn.Module]:
+    """The nn.Module behind a bound method such as ``vae.model``."""
+    owner = getattr(fn, "__self__", None)
+    return owner if isinstance(owner, nn.Module) else None
+
+
+def _call_spec(fn: Callable) -> tuple[set[str], bool]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return set(), True
+    names = {p.name for p in params}
+    return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
+    r"""One-sample Monte-Carlo estimate of the ELBO's two terms, per data point.
+
+    Runs ``guide`` once, replays ``model`` against it, and returns
+    ``reconstruction`` = :math:`\log p(x \mid z)` (observed sites),
+    ``kl`` = :math:`\log q(z \mid x) - \log p(z)` (latent sites) and
+    ``elbo`` = reconstruction - kl, each summed over the batch. The estimate is
+    unbiased for any guide, whatever estimator trained it, so held-out values are
+    comparable across estimators.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> def model():
+        ...     pyro.sample("x", dist.Normal(pyro.sample("z", dist.Normal(0., 1.)), 1.), obs=torch.tensor(0.))
+        >>> def guide():
+        ...     pyro.sample("z", dist.Normal(0., 1.))
+        >>> t = elbo_terms(model, guide)
+        >>> bool(torch.isclose(t["elbo"], t["reconstruction"] - t["kl"]))
+        True
+    """
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+        *args, **kwargs
+    )
+    model_trace.compute_log_prob()
+    guide_trace.compute_log_prob()
+    reconstruction = kl = torch.zeros(())
+    for site in model_trace.nodes.values():
+        if site["type"] == "sample":
+            if site["is_observed"]:
+                reconstruction = reconstruction + site["log_prob_sum"]
+            else:
+                kl = kl - site["log_prob_sum"]
+    for site in guide_trace.nodes.values():
+        if site["type"] == "sample":
+            kl = kl + site["log_prob_sum"]
+    return {"elbo": reconstruction - kl, "reconstruction": reconstruction, "kl": kl}
+
+
+class LVMModule(pl.LightningModule):
+    r"""Train any Pyro model/guide pair with an ELBO estimator under Lightning.
+
+    The seam is Pyro's :class:`~pyro.infer.elbo.ELBOModule`: the training loss is
+    ``estimator.differentiable_loss(model, guide, x)`` divided by the batch size
+    (nats per data point), minimized by one torch optimizer over every parameter
+    of the pair. Lightning's ``Trainer`` then supplies progress bars,
+    checkpoints and resume, early stopping, loggers and DDP.
+
+    The pair can be
+
+    * a module with ``model`` and ``guide`` methods, such as :class:`pyro_lvm.VAE`;
+    * two callables: ``PyroModule`` s, autoguides, bound methods, or plain
+      functions that use ``pyro.param`` and ``pyro.module``.
+
+    Pyro's global parameter store is never touched: the pair runs inside a
+    private store (:meth:`pyro.params.param_store.ParamStoreDict.scope`), and
+    every ``pyro.param`` it creates becomes a parameter of this module, so it is
+    in the ``state_dict``, the optimizer, checkpoints and DDP. Lazily created
+    parameters are made by one dry run on a training batch in :meth:`setup` (or
+    call :meth:`initialize` yourself).
+
+    Each batch is a tensor ``x``, a tuple (passed positionally), or a dict whose
+    ``"x"`` is passed first and whose other keys (``"y"``, ``"index"``, ...) are
+    passed by name to the model and guide that accept them.
+
+    Logged: ``train/loss`` (``-ELBO_beta`` per data point), ``train/beta``,
+    and with no gradient step ``val/elbo``, ``val/reconstruction``, ``val/kl``
+    (the ELBO at ``beta = 1``, per data point; see :func:`elbo_terms`).
+
+    Arguments:
+        model: the model, or a module with ``model`` and ``guide`` methods.
+        guide: the guide (omit when ``model`` carries one).
+        estimator: a name for :func:`pyro_lvm.estimators.make_elbo`
+            (``"reparam"``, ``"analytic_kl"``, ``"score_function"``) or any
+            :class:`pyro.infer.ELBO` that has ``differentiable_loss``.
+        num_particles: samples of ``z`` per data point (with a name only).
+        beta: KL weight: a number or a :class:`pyro_lvm.schedules.Schedule` of the global step.
+        lr: Adam's learning rate (LightningCLI's ``optimizer:`` key replaces the optimizer).
+
+    Example:
+        >>> from pyro_lvm import VAE
+        >>> module = LVMModule(VAE(data_shape=4, latent_dim=2, hidden_dims=[8]), estimator="analytic_kl")
+        >>> module.initialize(torch.bernoulli(torch.full((8, 4), 0.5)))
+        >>> loss = module.training_step(torch.bernoulli(torch.full((8, 4), 0.5)), 0)
+        >>> loss.backward()
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Callable],
+        guide: Optional[Callable] = None,
+        estimator: Union[str, ELBO] = "reparam",
+        num_particles: int = 1,
+        beta: Union[float, Schedule] = 1.0,
+        lr: float = 1e-3,
+    ):
+        super().__init__()
+        if guide is None:
+            if not (callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None))):
+                raise TypeError(
+                    f"Got model={type(model).__name__} and no guide. Pass a guide, or a module "
+                    "with model() and guide() methods such as pyro_lvm.VAE."
+                )
+            self.lvm = model
+            model, guide = model.model, model.guide
+        # Modules behind bound methods (e.g. vae.model) are not seen by ELBOModule.
+        owners: list[nn.Module] = []
+        for fn in (model, guide):
+            owner = _owner(fn)
+            if (
+                owner is not None
+                and owner is not getattr(self, "lvm", None)
+                and all(owner is not o for o in owners)
+            ):
+                owners.append(owner)
+        self.pair_modules = nn.ModuleList(owners)
+
+        if isinstance(estimator, str):
+            estimator = make_elbo(estimator, num_particles=num_particles)
+        elif num_particles != 1:
+            raise ValueError(
+                "num_particles applies to an estimator given by name; "
+                f"set it on the {type(estimator).__name__} you passed instead."
+            )
+        if not hasattr(estimator, "differentiable_loss"):
+            raise TypeError(
+                f"{type(estimator).__name__} has no differentiable_loss; use a pyro_lvm estimator "
+                "(pyro_lvm.estimators.make_elbo) or a Pyro ELBO that has one."
+            )
+        self.estimator = estimator
+        self.beta_schedule = beta if isinstance(beta, Schedule) else Constant(float(beta))
+        self.lr = lr
+        self.objective = ELBOModule(model, guide, estimator)
+        self._model_spec = _call_spec(model)
+        self._guide_spec = _call_spec(guide)
+        self.pyro_params = nn.ParameterDict()
+        self._param_state: dict = {"params": {}, "constraints": {}}
+        self._initialized = False
+
+    # ----- the pair's parameters --------------------------------------------------
+    def _scope(self):
+        return pyro.get_param_store().scope(state=self._param_state)
+
+    def _inputs(self, batch: Any) -> tuple[tuple, dict, int]:
+        if isinstance(batch, torch.Tensor):
+            return (batch,), {}, batch.shape[0]
+        if isinstance(batch, dict):
+            x = batch["x"]
+            extra = {k: v for k, v in batch.items() if k != "x"}
+            names, var_kw = self._model_spec
+            gnames, gvar_kw = self._guide_spec
+            kwargs = {
+                k: v for k, v in extra.items()
+                if (var_kw or k in names) and (gvar_kw or k in gnames)
+            }
+            return (x,), kwargs, x.shape[0]
+        if isinstance(batch, (tuple, list)):
+            return tuple(batch), {}, batch[0].shape[0]
+        raise TypeError(
+            f"Batches must be a tensor, a tuple or a dict with key 'x'; got {type(batch).__name__}."
+        )
+
+    @torch.no_grad()
+    def initialize(self, batch: Any) -> None:
+        """Create lazily initialized parameters by one dry run of the pair on ``batch``.
+
+        Afterwards every parameter the pair uses is a parameter of this module.
+        Safe to call more than once.
+        """
+        args, kwargs, _ = self._inputs(batch)
+        with self._scope():
+            elbo_terms(self.objective.model, self.objective.guide, *args, **kwargs)
+        owned = {id(p) for p in self.parameters()}
+        params = self._param_state["params"]
+        for name, value in list(params.items()):
+            if name.startswith(_BUFFER_PREFIX) or id(value) in owned:
+                continue
+            if not isinstance(value, nn.Parameter):
+                value = params[name] = nn.Parameter(value.detach())
+            self.pyro_params[_escape(name)] = value
+            owned.add(id(value))
+        self._initialized = True
+
+    def setup(self, stage: str) -> None:
+        if not self._initialized:
+            self.initialize(self._example_batch())
+
+    def _example_batch(self) -> Any:
+        trainer = self.trainer
+        if trainer.datamodule is not None:
+            loader = trainer.datamodule.train_dataloader()
+        else:
+            # Trainer.fit(module, train_dataloaders=...) without a data module
+            loader = trainer.fit_loop._data_source.dataloader()
+        return next(iter(loader))
+
+    # ----- steps -------------------------------------------------------------------
+    def forward(self, batch: Any) -> torch.Tensor:
+        """The training loss ``-ELBO_beta`` per data point, differentiable."""
+        args, kwargs, batch_size = self._inputs(batch)
+        with self._scope():
+            return self.objective(*args, **kwargs) / batch_size
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        beta = self.beta_schedule(self.global_step)
+        self.estimator.beta = beta
+        loss = self(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
+        self.log("train/beta", beta, on_step=True, on_epoch=False)
+        return loss
+
+    def _evaluate(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        args, kwargs, batch_size = self._inputs(batch)
+        with self._scope():
+            terms = elbo_terms(self.objective.model, self.objective.guide, *args, **kwargs)
+        for key, value in terms.items():
+            self.log(
+                f"{stage}/{key}", value / batch_size, prog_bar=stage == "val" and key == "elbo",
+                batch_size=batch_size, sync_dist=True,
+            )
+        return terms
+
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        return self._evaluate(batch, "test")
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    # ----- reproducibility -------------------------------------------------------------
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Re-seed from (seed, epoch, rank) at each epoch's first step, so that a run
+        # resumed from an end-of-epoch checkpoint draws exactly the numbers of an
+        # uninterrupted run. (At on_train_epoch_start the first epoch after a resume
+        # would differ: its data iterator already exists and has drawn from the RNG.)
+        seed = os.environ.get("PL_GLOBAL_SEED")
+        if batch_idx != 0 or seed is None:
+            return
+        state = np.random.SeedSequence(
+            [int(seed), self.current_epoch, self.global_rank]
+        ).generate_state(2)
+        torch.manual_seed(int(state[0]))
+        np.random.seed(int(state[1]))
+        random.seed(int(state[1]))
+
+    # ----- checkpoints ---------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        info: dict[str, Any] = {
+            "format": 1,
+            "buffers": {
+                k: v.detach().cpu()
+                for k, v in self._param_state["params"].items()
+                if k.startswith(_BUFFER_PREFIX)
+            },
+        }
+        lvm = getattr(self, "lvm", None)
+        if lvm is not None and hasattr(lvm, "config"):
+            info["model"] = {"class": f"{type(lvm).__module__}.{type(lvm).__qualname__}", "config": lvm.config}
+        checkpoint["pyro_lvm"] = info
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        info = checkpoint.get("pyro_lvm")
+        if info is None or "state_dict" not in checkpoint:
+            raise ValueError(
+                "This checkpoint was not written by pyro_lvm.LVMModule (no 'pyro_lvm' entry). "
+                "Resume from a checkpoint of a pyro_lvm run."
+            )
+        ours = self.state_dict()
+        theirs = checkpoint["state_dict"]
+        missing = sorted(set(ours) - set(theirs))
+        unexpected = sorted(set(theirs) - set(ours))
+        shapes = sorted(
+            f"{k}: {tuple(theirs[k].shape)} in checkpoint vs {tuple(ours[k].shape)} here"
+            for k in set(ours) & set(theirs)
+            if tuple(ours[k].shape) != tuple(theirs[k].shape)
+        )
+        if missing or unexpected or shapes:
+            lvm = getattr(self, "lvm", None)
+            here = getattr(lvm, "config", None)
+            there = info.get("model", {}).get("config")
+            raise ValueError(
+                "Checkpoint does not match this model"
+                + (f" (checkpoint config {there}, this model {here})" if there != here else "")
+                + ". "
+                + "; ".join(
+                    part
+                    for part in (
+                        f"missing: {missing[:5]}" if missing else "",
+                        f"unexpected: {unexpected[:5]}" if unexpected else "",
+                        f"shape mismatch: {shapes[:5]}" if shapes else "",
+                    )
+                    if part
+                )
+                + ". Build the model with the checkpoint's configuration (its run folder has config.yaml)."
+            )
+        for name, value in info.get("buffers", {}).items():
+            self._param_state["params"][name] = value
+            self._param_state["constraints"][name] = constraints.real
+
+
+def fit(
+    model: Union[nn.Module, Callable],
+    guide: Optional[Callable] = None,
+    data: Union[pl.LightningDataModule, torch.Tensor, None] = None,
+    estimator: Union[str, ELBO] = "reparam",
+    num_particles: int = 1,
+    beta: Union[float, Schedule] = 1.0,
+    lr: float = 1e-3,
+    seed: Optional[int] = 0,
+    ckpt_path: Optional[str] = None,
+    **trainer_kwargs: Any,
+) -> LVMModule:
+    """Train a model/guide pair in one call and return the trained :class:`LVMModule`.
+
+    ``data`` is a Lightning data module or a tensor of training data (one row
+    per data point). ``trainer_kwargs`` go to :class:`pytorch_lightning.Trainer`
+    (``max_epochs``, ``accelerator``, ``devices``, ``strategy``, ``callbacks``, ...);
+    the trainer stays reachable as ``module.trainer``. ``ckpt_path`` resumes a
+    run from its checkpoint (loaded with ``weights_only=True``); with the same
+    ``seed`` the result equals an uninterrupted run. ``seed`` seeds training, not
+    the model's initial weights, which exist before ``fit`` is called: seed
+    (``pytorch_lightning.seed_everything``) before building the model for
+    identical initial weights.
+
+    Example:
+        >>> import pyro.distributions as dist
+        >>> def model(x):
+        ...     loc = pyro.param("loc", torch.zeros(2))
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         z = pyro.sample("z", dist.Normal(loc, 1.).to_event(1))
+        ...         pyro.sample("x", dist.Normal(z, 1.).to_event(1), obs=x)
+        >>> def guide(x):
+        ...     with pyro.plate("data", x.shape[0]):
+        ...         pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5).to_event(1))
+        >>> x = torch.randn(256, 2) + 3.0
+        >>> module = fit(model, guide, data=x, max_epochs=20, enable_progress_bar=False,
+        ...              logger=False, enable_checkpointing=False, enable_model_summary=False)
+        >>> bool((module.pyro_params["loc"] - x.mean(0)).abs().max() < 0.5)
+        True
+    """
+    if seed is not None:
+        pl.seed_everything(seed, verbose=False)
+    if isinstance(data, torch.Tensor):
+        data = TensorDataModule(data)
+    if data is None:
+        raise ValueError("fit() needs data: a LightningDataModule or a tensor of data points.")
+    module = LVMModule(model, guide, estimator=estimator, num_particles=num_particles, beta=beta, lr=lr)
+    if ckpt_path is not None:
+        load_checkpoint(ckpt_path)
+    trainer = pl.Trainer(**trainer_kwargs)
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    return module

@@ -1,0 +1,76 @@
+"""The pyro-lvm command line: default run, shipped configs, resume, and its errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pyro_lvm.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "data" / "mnist"
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+
+
+@pytest.fixture(autouse=True)
+def command_line(monkeypatch):
+    # main(args) stands for the command line; pytest's own arguments are not part of it
+    monkeypatch.setattr("sys.argv", ["pyro-lvm"])
+
+
+def test_fit_with_defaults_writes_the_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--trainer.max_epochs=2", *QUIET])
+    run = tmp_path / "runs" / "vae_digits" / "version_0"
+    for name in ("metrics.csv", "config.yaml", "loss_curves.png", "reconstructions.png", "samples.png"):
+        assert (run / name).is_file(), name
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    out = capsys.readouterr().out
+    assert f"Run folder: {run.resolve()}" in out and "validation ELBO" in out
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["pyro_lvm"]["model"]["config"]["latent_dim"] == 2
+
+
+@pytest.mark.filterwarnings("ignore:The dirpath has changed")
+def test_fit_resumes_from_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--trainer.max_epochs=1", *QUIET])
+    last = tmp_path / "runs" / "vae_digits" / "version_0" / "checkpoints" / "last.ckpt"
+    main(["fit", "--trainer.max_epochs=2", f"--ckpt_path={last}", *QUIET])
+    resumed = tmp_path / "runs" / "vae_digits" / "version_1" / "checkpoints" / "last.ckpt"
+    assert torch.load(resumed, weights_only=True)["epoch"] == 1
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_run(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", f"--config={config}", "--trainer.fast_dev_run=true", *QUIET]
+    if "mnist" in config.name:
+        if not SHARED_MNIST.is_dir():
+            pytest.skip("MNIST IDX files not available")
+        args.append(f"--data.init_args.root={SHARED_MNIST}")
+    main(args)
+
+
+def test_unknown_key_is_named_with_the_valid_ones(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  model:\n    class_path: pyro_lvm.VAE\n    init_args:\n      latent_dimm: 3\n")
+    with pytest.raises(SystemExit):
+        main(["fit", f"--config={bad}"])
+    err = capsys.readouterr().err
+    assert "Unknown key 'latent_dimm' for pyro_lvm.VAE. Did you mean 'latent_dim'?" in err
+    assert "data_shape, latent_dim, hidden_dims" in err
+
+
+def test_unknown_top_level_key_suggests_the_closest(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.estimatorr=reparam"])
+    err = capsys.readouterr().err
+    assert "Did you mean 'estimator'?" in err and "num_particles" in err
+
+
+def test_corrupt_checkpoint_is_refused_before_training(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot be read"):
+        main(["fit", f"--ckpt_path={bad}"])
