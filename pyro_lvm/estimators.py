@@ -87,8 +87,8 @@ class BetaMixin:
 class ReparamELBO(BetaMixin, Trace_ELBO):
     r"""Reparameterized Monte-Carlo ELBO (Pyro's :class:`~pyro.infer.Trace_ELBO`).
 
-    With ``z = g_\phi(\epsilon, x)``, ``\epsilon \sim p(\epsilon)``, the gradient
-    ``\nabla_\phi \mathbb E_q[f(z)] = \mathbb E_\epsilon[\nabla_\phi f(g_\phi(\epsilon, x))]``
+    With :math:`z = g_\phi(\epsilon, x)`, :math:`\epsilon \sim p(\epsilon)`, the gradient
+    :math:`\nabla_\phi \mathbb E_q[f(z)] = \mathbb E_\epsilon[\nabla_\phi f(g_\phi(\epsilon, x))]`
     is estimated by pathwise derivatives: the reparameterization trick. Sites
     without ``rsample`` fall back to the score function.
 
@@ -204,7 +204,7 @@ class ScoreFunctionELBO(BetaMixin, TraceGraph_ELBO):
     is estimated by Pyro's :class:`~pyro.infer.TraceGraph_ELBO`, which
     Rao-Blackwellizes the cost (each site sees only its downstream terms, per
     data point inside plates). The baseline ``b`` does not bias the gradient,
-    since ``E_q[grad log q] = 0``; a decaying average of the cost (Williams 1992)
+    since :math:`\mathbb E_q[\nabla_\phi \log q_\phi] = 0`; a decaying average of the cost (Williams 1992)
     reduces its variance. This is the lecture's policy-gradient estimator, to
     compare with :class:`ReparamELBO` on the same model.
 

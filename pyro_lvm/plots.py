@@ -7,11 +7,8 @@ import math
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display on servers; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import torch
+from matplotlib.figure import Figure
 
 __all__ = ["as_images", "image_grid", "plot_reconstructions", "plot_samples", "plot_loss_curves"]
 
@@ -43,7 +40,9 @@ def as_images(x: torch.Tensor, image_shape: Optional[Sequence[int]] = None) -> t
 def image_grid(rows: Sequence[torch.Tensor], path: Union[str, Path], titles: Sequence[str] = ()) -> Path:
     """Save rows of images (each ``(N, H, W[, C])``) as one PNG; returns the path."""
     n_rows, n_cols = len(rows), max(len(r) for r in rows)
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * 0.8, n_rows * 0.9), squeeze=False)
+    # Figure, not pyplot: no global backend is touched, so this works on servers and in notebooks
+    fig = Figure(figsize=(n_cols * 0.8, n_rows * 0.9))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for i, row in enumerate(rows):
         for j in range(n_cols):
             ax = axes[i][j]
@@ -55,7 +54,6 @@ def image_grid(rows: Sequence[torch.Tensor], path: Union[str, Path], titles: Seq
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path
 
 
@@ -68,7 +66,7 @@ def plot_reconstructions(
     recon = model.reconstruct(x)
     return image_grid(
         [as_images(x, image_shape), as_images(recon, image_shape)], path,
-        titles=["input", "reconstruction E[x | z = mean of q(z|x)]"],
+        titles=["input", "reconstruction"],
     )
 
 
@@ -79,7 +77,7 @@ def plot_samples(
     """``model.sample(num)``: E[x | z] for z drawn from the prior."""
     images = as_images(model.sample(num), image_shape)
     rows = [images[i : i + per_row] for i in range(0, num, per_row)]
-    return image_grid(rows, path, titles=["samples E[x | z], z ~ p(z)"])
+    return image_grid(rows, path, titles=["samples"])
 
 
 def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Path:
@@ -92,7 +90,8 @@ def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> P
                     xs, ys = series.setdefault(label, ([], []))
                     xs.append(float(row["epoch"]))
                     ys.append(-float(row[key]) if key == "val/elbo" else float(row[key]))
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = Figure(figsize=(5, 3.5))
+    ax = fig.subplots()
     for label, (xs, ys) in series.items():
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
@@ -101,5 +100,4 @@ def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> P
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     return path

@@ -144,7 +144,7 @@ class Sigmoid(Schedule):
 
     Example:
         >>> s = Sigmoid(midpoint=1000, width=100)
-        >>> round(s(0), 6), s(1000), round(s(2000), 6)
+        >>> round(s(0), 3), s(1000), round(s(2000), 3)
         (0.0, 0.5, 1.0)
     """
 

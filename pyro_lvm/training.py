@@ -130,7 +130,7 @@ class LVMModule(pl.LightningModule):
         >>> from pyro_lvm import VAE
         >>> module = LVMModule(VAE(data_shape=4, latent_dim=2, hidden_dims=[8]), estimator="analytic_kl")
         >>> module.initialize(torch.bernoulli(torch.full((8, 4), 0.5)))
-        >>> loss = module.training_step(torch.bernoulli(torch.full((8, 4), 0.5)), 0)
+        >>> loss = module(torch.bernoulli(torch.full((8, 4), 0.5)))  # -ELBO per data point
         >>> loss.backward()
     """
 
@@ -363,8 +363,8 @@ def fit(
 ) -> LVMModule:
     """Train a model/guide pair in one call and return the trained :class:`LVMModule`.
 
-    ``data`` is a Lightning data module or a tensor of training data (one row
-    per data point). ``trainer_kwargs`` go to :class:`pytorch_lightning.Trainer`
+    ``data`` is a Lightning data module or a tensor with one row per data point,
+    of which a random tenth (seeded by ``seed``) is held out for the validation ELBO. ``trainer_kwargs`` go to :class:`pytorch_lightning.Trainer`
     (``max_epochs``, ``accelerator``, ``devices``, ``strategy``, ``callbacks``, ...);
     the trainer stays reachable as ``module.trainer``. ``ckpt_path`` resumes a
     run from its checkpoint (loaded with ``weights_only=True``); with the same
@@ -392,7 +392,9 @@ def fit(
     if seed is not None:
         pl.seed_everything(seed, verbose=False)
     if isinstance(data, torch.Tensor):
-        data = TensorDataModule(data)
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed or 0))
+        n_val = max(1, len(data) // 10)
+        data = TensorDataModule(data[order[n_val:]], val=data[order[:n_val]])
     if data is None:
         raise ValueError("fit() needs data: a LightningDataModule or a tensor of data points.")
     module = LVMModule(model, guide, estimator=estimator, num_particles=num_particles, beta=beta, lr=lr)
