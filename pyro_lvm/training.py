@@ -19,7 +19,7 @@ from torch import nn
 
 from .checkpoints import load_checkpoint
 from .data import TensorDataModule
-from .estimators import make_elbo
+from .estimators import BetaMixin, make_elbo
 from .schedules import Constant, Schedule
 
 __all__ = ["LVMModule", "elbo_terms", "fit"]
@@ -178,6 +178,13 @@ class LVMModule(pl.LightningModule):
             )
         self.estimator = estimator
         self.beta_schedule = beta if isinstance(beta, Schedule) else Constant(float(beta))
+        if not isinstance(estimator, BetaMixin) and not (
+            isinstance(self.beta_schedule, Constant) and self.beta_schedule.value == 1.0
+        ):
+            raise ValueError(
+                f"beta needs an estimator with a KL weight; {type(estimator).__name__} has none. "
+                "Use a pyro_lvm estimator (pyro_lvm.estimators.make_elbo) or beta=1."
+            )
         self.lr = lr
         self.objective = ELBOModule(model, guide, estimator)
         self._model_spec = _call_spec(model)
@@ -232,16 +239,22 @@ class LVMModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         if not self._initialized:
-            self.initialize(self._example_batch())
+            self.initialize(self._example_batch(stage))
 
-    def _example_batch(self) -> Any:
+    def _example_batch(self, stage: str) -> Any:
         trainer = self.trainer
-        if trainer.datamodule is not None:
-            loader = trainer.datamodule.train_dataloader()
-        else:
-            # Trainer.fit(module, train_dataloaders=...) without a data module
-            loader = trainer.fit_loop._data_source.dataloader()
-        return next(iter(loader))
+        loop = {
+            "fit": trainer.fit_loop, "validate": trainer.validate_loop,
+            "test": trainer.test_loop, "predict": trainer.predict_loop,
+        }[stage]
+        try:
+            # the data module's or the loaders' source that the Trainer was given
+            return next(iter(loop._data_source.dataloader()))
+        except Exception as err:
+            raise RuntimeError(
+                f"LVMModule could not draw a batch from the {stage} data to create the pair's "
+                "lazily initialized parameters; call module.initialize(batch) before the Trainer."
+            ) from err
 
     # ----- steps -------------------------------------------------------------------
     def forward(self, batch: Any) -> torch.Tensor:
@@ -375,18 +388,19 @@ def fit(
 
     Example:
         >>> import pyro.distributions as dist
-        >>> def model(x):
+        >>> def model(x):                          # z ~ N(loc, I), x ~ N(z, I)
         ...     loc = pyro.param("loc", torch.zeros(2))
         ...     with pyro.plate("data", x.shape[0]):
         ...         z = pyro.sample("z", dist.Normal(loc, 1.).to_event(1))
         ...         pyro.sample("x", dist.Normal(z, 1.).to_event(1), obs=x)
-        >>> def guide(x):
+        >>> def guide(x):                          # the exact posterior N((x + loc) / 2, I / 2)
+        ...     loc = pyro.param("loc", torch.zeros(2))
         ...     with pyro.plate("data", x.shape[0]):
-        ...         pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5).to_event(1))
+        ...         pyro.sample("z", dist.Normal((x + loc) / 2, 0.5 ** 0.5).to_event(1))
         >>> x = torch.randn(256, 2) + 3.0
-        >>> module = fit(model, guide, data=x, max_epochs=20, enable_progress_bar=False,
+        >>> module = fit(model, guide, data=x, lr=0.1, max_epochs=100, enable_progress_bar=False,
         ...              logger=False, enable_checkpointing=False, enable_model_summary=False)
-        >>> bool((module.pyro_params["loc"] - x.mean(0)).abs().max() < 0.5)
+        >>> bool((module.pyro_params["loc"] - x.mean(0)).abs().max() < 0.3)  # the MLE of loc
         True
     """
     if seed is not None:

@@ -81,8 +81,9 @@ def test_hand_written_pair_trains_through_fit():
     initial = fa_log_evidence(0.1 * torch.randn(D, K), torch.zeros(D), torch.ones(D), x[1792:])
     assert learned > truth - 0.25
     assert learned > initial + 3.0
-    # and the ELBO sits below it
-    assert record.elbo[-1] < float(learned)
+    # the held-out ELBO rose to within a small gap of the exact evidence (a linear encoder
+    # is nearly exact here; the strict ELBO <= log p(x) is tested in test_estimators.py)
+    assert abs(record.elbo[-1] - float(learned)) < 0.3
     assert record.elbo[-1] > record.elbo[0] + 1.0
 
 
@@ -207,3 +208,24 @@ def test_beta_schedule_drives_the_estimator():
     trainer = pl.Trainer(max_steps=6, enable_checkpointing=False, limit_val_batches=0, **QUIET)
     trainer.fit(module, datamodule=DigitsDataModule(batch_size=32))
     assert module.estimator.beta == pytest.approx(0.5)  # beta(5) after steps 0..5
+
+
+def test_beta_with_an_estimator_without_kl_weight_is_rejected():
+    with pytest.raises(ValueError, match="beta needs an estimator with a KL weight"):
+        pyro_lvm.LVMModule(fa_model, fa_guide, estimator=pyro.infer.Trace_ELBO(), beta=0.5)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_a_loaded_module_evaluates_with_trainer_test(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    module = pyro_lvm.fit(
+        pyro_lvm.VAE(data_shape=64, latent_dim=2, hidden_dims=[16]), data=DigitsDataModule(),
+        max_epochs=1, callbacks=[ModelCheckpoint(dirpath=tmp_path, save_last=True)], **QUIET,
+    )
+    fresh = pyro_lvm.LVMModule(pyro_lvm.VAE(data_shape=64, latent_dim=2, hidden_dims=[16]))
+    trainer = pl.Trainer(enable_checkpointing=False, **QUIET)
+    (result,) = trainer.test(fresh, datamodule=DigitsDataModule(), ckpt_path=str(tmp_path / "last.ckpt"),
+                             weights_only=True)
+    (expected,) = pl.Trainer(enable_checkpointing=False, **QUIET).test(module, datamodule=DigitsDataModule())
+    assert result["test/elbo"] == pytest.approx(expected["test/elbo"], abs=1.0)  # one MC draw each
+    torch.testing.assert_close(fresh.state_dict(), module.state_dict())
