@@ -23,7 +23,6 @@ from typing import Any, Optional
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.utilities import rank_zero_only
 
 from .checkpoints import load_checkpoint
 from .plots import plot_loss_curves, plot_reconstructions, plot_samples
@@ -43,9 +42,13 @@ class RunReport(pl.Callback):
     reconstructions) and ``samples.png`` (draws from the prior).
     """
 
-    @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # trainer.log_dir is a collective under DDP: every rank must ask for it
         run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if trainer.is_global_zero:
+            self._report(trainer, pl_module, run_dir)
+
+    def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         written = []
         metrics = run_dir / "metrics.csv"

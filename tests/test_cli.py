@@ -1,5 +1,8 @@
 """The pyro-lvm command line: default run, shipped configs, resume, and its errors."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,16 @@ def test_corrupt_checkpoint_is_refused_before_training(tmp_path):
     bad.write_bytes(b"garbage")
     with pytest.raises(ValueError, match="cannot be read"):
         main(["fit", f"--ckpt_path={bad}"])
+
+
+def test_fit_with_ddp_on_two_cpu_processes(tmp_path):
+    cli = Path(sys.executable).parent / "pyro-lvm"
+    result = subprocess.run(
+        [str(cli), "fit", "--trainer.strategy=ddp", "--trainer.devices=2", "--trainer.accelerator=cpu",
+         "--trainer.max_epochs=1", *QUIET],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Run folder:" in result.stdout
+    assert (tmp_path / "runs" / "vae_digits" / "version_0" / "samples.png").is_file()
