@@ -229,3 +229,28 @@ def test_a_loaded_module_evaluates_with_trainer_test(tmp_path):
     (expected,) = pl.Trainer(enable_checkpointing=False, **QUIET).test(module, datamodule=DigitsDataModule())
     assert result["test/elbo"] == pytest.approx(expected["test/elbo"], abs=1.0)  # one MC draw each
     torch.testing.assert_close(fresh.state_dict(), module.state_dict())
+
+
+def test_tensorboard_and_csv_loggers_record_the_validation_elbo(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    pyro_lvm.fit(
+        pyro_lvm.VAE(data_shape=64, latent_dim=2, hidden_dims=[16]), data=DigitsDataModule(),
+        max_epochs=2, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        log_every_n_steps=5, logger=[CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")],
+    )
+    assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+    header = next((tmp_path / "csv").rglob("metrics.csv")).read_text().splitlines()[0]
+    assert {"val/elbo", "val/kl", "val/reconstruction", "train/loss_epoch", "train/beta"} <= set(header.split(","))
+
+
+def test_early_stopping_on_the_validation_elbo():
+    from pytorch_lightning.callbacks import EarlyStopping
+
+    module = pyro_lvm.fit(
+        pyro_lvm.VAE(data_shape=64, latent_dim=2, hidden_dims=[16]), data=DigitsDataModule(),
+        max_epochs=50, enable_checkpointing=False, **QUIET,
+        # demanding 100 nats of improvement per epoch stops the run after `patience` epochs
+        callbacks=[EarlyStopping(monitor="val/elbo", mode="max", min_delta=100.0, patience=2)],
+    )
+    assert module.trainer.current_epoch == 3
