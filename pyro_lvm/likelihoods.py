@@ -42,19 +42,29 @@ class Likelihood(nn.Module):
         raise NotImplementedError
 
     def check(self, x: torch.Tensor) -> None:
-        """Raise a ``ValueError`` naming the problem if ``x`` cannot be scored."""
+        """Raise a ``ValueError`` naming the problem if ``x`` cannot be scored.
+
+        One pass over the batch (and one host sync); details are computed only on failure.
+        """
+        self._check_shape(x)
+        if not torch.isfinite(x).all():
+            self._raise_not_finite(x)
+
+    def _check_shape(self, x: torch.Tensor) -> None:
         if x.shape[-len(self.event_shape) :] != self.event_shape:
             raise ValueError(
                 f"{type(self).__name__} expects data of shape (batch, "
                 f"{', '.join(map(str, self.event_shape))}); got {tuple(x.shape)}. "
                 "Set the model's data_shape to match the data, or flatten the data."
             )
+
+    @staticmethod
+    def _raise_not_finite(x: torch.Tensor) -> None:
         bad = ~torch.isfinite(x)
-        if bad.any():
-            raise ValueError(
-                f"Data contain {int(bad.sum())} NaN/inf values (first at index "
-                f"{tuple(bad.nonzero()[0].tolist())}). Clean or impute them before training."
-            )
+        raise ValueError(
+            f"Data contain {int(bad.sum())} NaN/inf values (first at index "
+            f"{tuple(bad.nonzero()[0].tolist())}). Clean or impute them before training."
+        )
 
 
 class BernoulliLikelihood(Likelihood):
@@ -77,19 +87,22 @@ class BernoulliLikelihood(Likelihood):
         return torch.sigmoid(self._unflatten(h))
 
     def check(self, x: torch.Tensor) -> None:
-        super().check(x)
+        self._check_shape(x)
+        if ((x == 0) | (x == 1)).all():
+            return
+        if not torch.isfinite(x).all():
+            self._raise_not_finite(x)
         lo, hi = float(x.min()), float(x.max())
         if lo < 0 or hi > 1:
             raise ValueError(
                 f"Bernoulli likelihood needs data in [0, 1]; got min={lo:.4g}, max={hi:.4g}. "
                 "Use likelihood='gaussian' or rescale the data."
             )
-        if not ((x == 0) | (x == 1)).all():
-            raise ValueError(
-                "Bernoulli likelihood needs binary data (0 or 1); got grey levels in "
-                f"[{lo:.4g}, {hi:.4g}]. Binarize the data (binarize='dynamic' or 'static' "
-                "in the data module) or use likelihood='gaussian'."
-            )
+        raise ValueError(
+            "Bernoulli likelihood needs binary data (0 or 1); got grey levels in "
+            f"[{lo:.4g}, {hi:.4g}]. Binarize the data (binarize='dynamic' or 'static' "
+            "in the data module) or use likelihood='gaussian'."
+        )
 
 
 class GaussianLikelihood(Likelihood):

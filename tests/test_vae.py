@@ -81,3 +81,18 @@ def test_invalid_configuration_is_rejected():
         VAE(likelihood="poisson")
     with pytest.raises(ValueError, match="positive float or 'learned'"):
         VAE(likelihood="gaussian", likelihood_scale=-1.0)
+
+
+@pytest.mark.parametrize(
+    "likelihood, x, match",
+    [
+        ("bernoulli", torch.tensor([[0.0, 1.0, float("nan"), 1.0]]), "1 NaN/inf values"),
+        ("bernoulli", torch.tensor([[0.0, 1.0, 2.0, 1.0]]), r"in \[0, 1\]; got min=0, max=2"),
+        ("bernoulli", torch.tensor([[0.0, 1.0, 0.5, 1.0]]), "binary data"),
+        ("gaussian", torch.tensor([[0.0, float("inf"), 0.5, 1.0]]), r"first at index \(0, 1\)"),
+    ],
+)
+def test_model_refuses_data_outside_the_likelihood_support(likelihood, x, match):
+    vae = VAE(data_shape=4, latent_dim=1, hidden_dims=[4], likelihood=likelihood)
+    with pytest.raises(ValueError, match=match):
+        vae.model(x)
