@@ -204,8 +204,8 @@ class ScoreFunctionELBO(BetaMixin, TraceGraph_ELBO):
     is estimated by Pyro's :class:`~pyro.infer.TraceGraph_ELBO`, which
     Rao-Blackwellizes the cost (each site sees only its downstream terms, per
     data point inside plates). The baseline ``b`` does not bias the gradient,
-    since :math:`\mathbb E_q[\nabla_\phi \log q_\phi] = 0`; a decaying average of the cost (Williams 1992)
-    reduces its variance. This is the lecture's policy-gradient estimator, to
+    since :math:`\mathbb E_q[\nabla_\phi \log q_\phi] = 0`; a decaying average of
+    the cost (Williams 1992) reduces its variance. This is the lecture's policy-gradient estimator, to
     compare with :class:`ReparamELBO` on the same model.
 
     .. warning:: Pyro's decaying-average baseline keeps one average per

@@ -377,7 +377,8 @@ def fit(
     """Train a model/guide pair in one call and return the trained :class:`LVMModule`.
 
     ``data`` is a Lightning data module or a tensor with one row per data point,
-    of which a random tenth (seeded by ``seed``) is held out for the validation ELBO. ``trainer_kwargs`` go to :class:`pytorch_lightning.Trainer`
+    of which a random tenth (seeded by ``seed``) is held out for the validation
+    ELBO. ``trainer_kwargs`` go to :class:`pytorch_lightning.Trainer`
     (``max_epochs``, ``accelerator``, ``devices``, ``strategy``, ``callbacks``, ...);
     the trainer stays reachable as ``module.trainer``. ``ckpt_path`` resumes a
     run from its checkpoint (loaded with ``weights_only=True``); with the same
