@@ -7,6 +7,7 @@ and train with :func:`fit` or ``pyro-lvm fit``.
 
 from . import data, estimators, likelihoods, nets, plots, schedules
 from .estimators import make_elbo
+from .models.discrete_vae import DiscreteVAE
 from .models.vae import VAE
 from .training import LVMModule, elbo_terms, fit
 
@@ -14,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "VAE",
+    "DiscreteVAE",
     "LVMModule",
     "fit",
     "elbo_terms",

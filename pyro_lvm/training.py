@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 import random
@@ -32,6 +33,11 @@ def _escape(name: str) -> str:
     return name.replace(".", "/")
 
 
+def _is_pair(obj: Any) -> bool:
+    """A module that carries its own pair, such as :class:`pyro_lvm.VAE`."""
+    return callable(getattr(obj, "model", None)) and callable(getattr(obj, "guide", None))
+
+
 def _owner(fn: Any) -> Optional[nn.Module]:
     """The nn.Module behind a bound method such as ``vae.model``."""
     owner = getattr(fn, "__self__", None)
@@ -45,6 +51,19 @@ def _call_spec(fn: Callable) -> tuple[set[str], bool]:
         return set(), True
     names = {p.name for p in params}
     return names, any(p.kind is p.VAR_KEYWORD for p in params)
+
+
+def _accepting(fn: Callable) -> Callable:
+    """``fn``, called only with the keyword arguments it accepts."""
+    names, var_kw = _call_spec(fn)
+    if var_kw:
+        return fn
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
+
+    return call
 
 
 def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
@@ -97,7 +116,8 @@ class LVMModule(pl.LightningModule):
 
     The pair can be
 
-    * a module with ``model`` and ``guide`` methods, such as :class:`pyro_lvm.VAE`;
+    * a module with ``model`` and ``guide`` methods, such as :class:`pyro_lvm.VAE`
+      (a ``guide`` given as well replaces its own, e.g. one of :mod:`pyro_lvm.guides`);
     * two callables: ``PyroModule`` s, autoguides, bound methods, or plain
       functions that use ``pyro.param`` and ``pyro.module``.
 
@@ -110,7 +130,8 @@ class LVMModule(pl.LightningModule):
 
     Each batch is a tensor ``x``, a tuple (passed positionally), or a dict whose
     ``"x"`` is passed first and whose other keys (``"y"``, ``"index"``, ...) are
-    passed by name to the model and guide that accept them.
+    passed by name to the model and to the guide, each getting those it accepts
+    (a per-datapoint guide takes ``index``; the model need not).
 
     Logged: ``train/loss`` (``-ELBO_beta`` per data point), ``train/beta``,
     and with no gradient step ``val/elbo``, ``val/reconstruction``, ``val/kl``
@@ -120,11 +141,17 @@ class LVMModule(pl.LightningModule):
         model: the model, or a module with ``model`` and ``guide`` methods.
         guide: the guide (omit when ``model`` carries one).
         estimator: a name for :func:`pyro_lvm.estimators.make_elbo`
-            (``"reparam"``, ``"analytic_kl"``, ``"score_function"``) or any
-            :class:`pyro.infer.ELBO` that has ``differentiable_loss``.
+            (``"reparam"``, ``"iwae"``, ``"dreg"``, ``"score_function"``, ...) or any
+            :class:`pyro.infer.ELBO` that has ``differentiable_loss``. A combination
+            that cannot work (IWAE on a discrete latent, ...) fails here for the
+            built-in models, and at the first batch for other pairs.
         num_particles: samples of ``z`` per data point (with a name only).
         beta: KL weight: a number or a :class:`pyro_lvm.schedules.Schedule` of the global step.
         lr: Adam's learning rate (LightningCLI's ``optimizer:`` key replaces the optimizer).
+            Submodules with an ``own_lr`` attribute (a learned baseline, a
+            per-datapoint guide) are trained at that rate instead.
+        estimator_options: further options of the named estimator, e.g.
+            ``{"baseline": "nvil"}`` for ``"score_function"``.
 
     Example:
         >>> from pyro_lvm import VAE
@@ -142,20 +169,25 @@ class LVMModule(pl.LightningModule):
         num_particles: int = 1,
         beta: Union[float, Schedule] = 1.0,
         lr: float = 1e-3,
+        estimator_options: Optional[dict[str, Any]] = None,
     ):
         super().__init__()
-        if guide is None:
-            if not (callable(getattr(model, "model", None)) and callable(getattr(model, "guide", None))):
-                raise TypeError(
-                    f"Got model={type(model).__name__} and no guide. Pass a guide, or a module "
-                    "with model() and guide() methods such as pyro_lvm.VAE."
-                )
+        if _is_pair(model):
             self.lvm = model
-            model, guide = model.model, model.guide
-        # Modules behind bound methods (e.g. vae.model) are not seen by ELBOModule.
+            model, guide = model.model, (model.guide if guide is None else guide)
+        elif guide is None:
+            raise TypeError(
+                f"Got model={type(model).__name__} and no guide. Pass a guide, or a module "
+                "with model() and guide() methods such as pyro_lvm.VAE."
+            )
+        if callable(getattr(guide, "attach", None)):
+            # pyro_lvm.guides build themselves from the model they approximate
+            guide.attach(model, getattr(self, "lvm", None))
+        # Modules behind the pair (e.g. the VAE behind vae.model, a guide module) are
+        # registered here, so their parameters are in the state_dict and the optimizer.
         owners: list[nn.Module] = []
         for fn in (model, guide):
-            owner = _owner(fn)
+            owner = fn if isinstance(fn, nn.Module) else _owner(fn)
             if (
                 owner is not None
                 and owner is not getattr(self, "lvm", None)
@@ -163,13 +195,14 @@ class LVMModule(pl.LightningModule):
             ):
                 owners.append(owner)
         self.pair_modules = nn.ModuleList(owners)
+        self.__dict__["_guide"] = guide  # not registered twice (it may be a module)
 
         if isinstance(estimator, str):
-            estimator = make_elbo(estimator, num_particles=num_particles)
-        elif num_particles != 1:
+            estimator = make_elbo(estimator, num_particles=num_particles, **(estimator_options or {}))
+        elif num_particles != 1 or estimator_options:
             raise ValueError(
-                "num_particles applies to an estimator given by name; "
-                f"set it on the {type(estimator).__name__} you passed instead."
+                "num_particles and estimator_options apply to an estimator given by name; "
+                f"set them on the {type(estimator).__name__} you passed instead."
             )
         if not hasattr(estimator, "differentiable_loss"):
             raise TypeError(
@@ -177,6 +210,10 @@ class LVMModule(pl.LightningModule):
                 "(pyro_lvm.estimators.make_elbo) or a Pyro ELBO that has one."
             )
         self.estimator = estimator
+        # learned baselines and the like: trained with the pair, checkpointed with it
+        self.estimator_modules = nn.ModuleList(
+            estimator.trainable_modules() if hasattr(estimator, "trainable_modules") else []
+        )
         self.beta_schedule = beta if isinstance(beta, Schedule) else Constant(float(beta))
         if not isinstance(estimator, BetaMixin) and not (
             isinstance(self.beta_schedule, Constant) and self.beta_schedule.value == 1.0
@@ -186,12 +223,16 @@ class LVMModule(pl.LightningModule):
                 "Use a pyro_lvm estimator (pyro_lvm.estimators.make_elbo) or beta=1."
             )
         self.lr = lr
-        self.objective = ELBOModule(model, guide, estimator)
-        self._model_spec = _call_spec(model)
-        self._guide_spec = _call_spec(guide)
+        # each callable gets the batch keys it accepts ("index" for a per-datapoint guide, ...)
+        self.objective = ELBOModule(_accepting(model), _accepting(guide), estimator)
         self.pyro_params = nn.ParameterDict()
         self._param_state: dict = {"params": {}, "constraints": {}}
         self._initialized = False
+        example = getattr(getattr(self, "lvm", None), "example_batch", None)
+        if callable(example) and hasattr(estimator, "check"):
+            # a built-in model knows its data shape: wrong combinations fail here
+            with torch.no_grad(), self._scope():
+                estimator.check(self.objective.model, self.objective.guide, example())
 
     # ----- the pair's parameters --------------------------------------------------
     def _scope(self):
@@ -202,14 +243,7 @@ class LVMModule(pl.LightningModule):
             return (batch,), {}, batch.shape[0]
         if isinstance(batch, dict):
             x = batch["x"]
-            extra = {k: v for k, v in batch.items() if k != "x"}
-            names, var_kw = self._model_spec
-            gnames, gvar_kw = self._guide_spec
-            kwargs = {
-                k: v for k, v in extra.items()
-                if (var_kw or k in names) and (gvar_kw or k in gnames)
-            }
-            return (x,), kwargs, x.shape[0]
+            return (x,), {k: v for k, v in batch.items() if k != "x"}, x.shape[0]
         if isinstance(batch, (tuple, list)):
             return tuple(batch), {}, batch[0].shape[0]
         raise TypeError(
@@ -226,6 +260,8 @@ class LVMModule(pl.LightningModule):
         args, kwargs, _ = self._inputs(batch)
         with self._scope():
             elbo_terms(self.objective.model, self.objective.guide, *args, **kwargs)
+            if hasattr(self.estimator, "check"):
+                self.estimator.check(self.objective.model, self.objective.guide, *args, **kwargs)
         owned = {id(p) for p in self.parameters()}
         params = self._param_state["params"]
         for name, value in list(params.items()):
@@ -238,23 +274,34 @@ class LVMModule(pl.LightningModule):
         self._initialized = True
 
     def setup(self, stage: str) -> None:
-        if not self._initialized:
-            self.initialize(self._example_batch(stage))
-
-    def _example_batch(self, stage: str) -> Any:
-        trainer = self.trainer
-        loop = {
-            "fit": trainer.fit_loop, "validate": trainer.validate_loop,
-            "test": trainer.test_loop, "predict": trainer.predict_loop,
-        }[stage]
+        if self._initialized:
+            return
+        loader = self._dataloader(stage)
+        set_num_data = getattr(self._guide, "set_num_data", None)
+        if stage == "fit" and callable(set_num_data):
+            # a per-datapoint guide sizes its table from the training set
+            try:
+                set_num_data(len(loader.dataset))
+            except TypeError:
+                pass  # an iterable dataset without a length: the guide must be told num_data
         try:
-            # the data module's or the loaders' source that the Trainer was given
-            return next(iter(loop._data_source.dataloader()))
+            batch = next(iter(loader))
         except Exception as err:
             raise RuntimeError(
                 f"LVMModule could not draw a batch from the {stage} data to create the pair's "
                 "lazily initialized parameters; call module.initialize(batch) before the Trainer."
             ) from err
+        self.initialize(batch)
+
+    def _dataloader(self, stage: str) -> Any:
+        trainer = self.trainer
+        loop = {
+            "fit": trainer.fit_loop, "validate": trainer.validate_loop,
+            "test": trainer.test_loop, "predict": trainer.predict_loop,
+        }[stage]
+        # the data module's or the loaders' source that the Trainer was given
+        loader = loop._data_source.dataloader()
+        return loader[0] if isinstance(loader, (list, tuple)) else loader
 
     # ----- steps -------------------------------------------------------------------
     def forward(self, batch: Any) -> torch.Tensor:
@@ -266,6 +313,8 @@ class LVMModule(pl.LightningModule):
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         beta = self.beta_schedule(self.global_step)
         self.estimator.beta = beta
+        if hasattr(self.estimator, "set_step"):  # e.g. a temperature schedule
+            self.estimator.set_step(self.global_step)
         loss = self(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/beta", beta, on_step=True, on_epoch=False)
@@ -289,7 +338,22 @@ class LVMModule(pl.LightningModule):
         return self._evaluate(batch, "test")
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        return torch.optim.Adam(self.parameters(), lr=self.lr)
+        """Adam over every parameter; a submodule with an ``own_lr`` attribute gets that rate.
+
+        (A learned baseline or a per-datapoint guide usually wants its own rate.)
+        """
+        groups: list[dict] = []
+        claimed: set[int] = set()
+        for module in self.modules():
+            own_lr = getattr(module, "own_lr", None)
+            if own_lr is None or module is self:
+                continue
+            params = [p for p in module.parameters() if id(p) not in claimed]
+            claimed.update(map(id, params))
+            if params:
+                groups.append({"params": params, "lr": float(own_lr)})
+        rest = [p for p in self.parameters() if id(p) not in claimed]
+        return torch.optim.Adam([{"params": rest}, *groups], lr=self.lr)
 
     # ----- reproducibility -------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -317,6 +381,11 @@ class LVMModule(pl.LightningModule):
                 if k.startswith(_BUFFER_PREFIX)
             },
         }
+        if hasattr(self.estimator, "state_dict"):  # e.g. running-average baselines
+            info["estimator"] = {
+                k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+                for k, v in self.estimator.state_dict().items()
+            }
         lvm = getattr(self, "lvm", None)
         if lvm is not None and hasattr(lvm, "config"):
             info["model"] = {"class": f"{type(lvm).__module__}.{type(lvm).__qualname__}", "config": lvm.config}
@@ -360,6 +429,8 @@ class LVMModule(pl.LightningModule):
         for name, value in info.get("buffers", {}).items():
             self._param_state["params"][name] = value
             self._param_state["constraints"][name] = constraints.real
+        if "estimator" in info and hasattr(self.estimator, "load_state_dict"):
+            self.estimator.load_state_dict(info["estimator"])
 
 
 def fit(
@@ -370,6 +441,7 @@ def fit(
     num_particles: int = 1,
     beta: Union[float, Schedule] = 1.0,
     lr: float = 1e-3,
+    estimator_options: Optional[dict[str, Any]] = None,
     seed: Optional[int] = 0,
     ckpt_path: Optional[str] = None,
     **trainer_kwargs: Any,
@@ -412,7 +484,10 @@ def fit(
         data = TensorDataModule(data[order[n_val:]], val=data[order[:n_val]])
     if data is None:
         raise ValueError("fit() needs data: a LightningDataModule or a tensor of data points.")
-    module = LVMModule(model, guide, estimator=estimator, num_particles=num_particles, beta=beta, lr=lr)
+    module = LVMModule(
+        model, guide, estimator=estimator, num_particles=num_particles, beta=beta, lr=lr,
+        estimator_options=estimator_options,
+    )
     if ckpt_path is not None:
         load_checkpoint(ckpt_path)
     trainer = pl.Trainer(**trainer_kwargs)

@@ -1,5 +1,6 @@
 """Model/guide pairs as PyroModules."""
 
+from .discrete_vae import DiscreteVAE
 from .vae import VAE
 
-__all__ = ["VAE"]
+__all__ = ["VAE", "DiscreteVAE"]

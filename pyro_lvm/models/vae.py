@@ -154,5 +154,9 @@ class VAE(PyroModule):
         h = self.decoder(z)
         return self.likelihood.mean(h) if mean else self.likelihood(h).sample()
 
+    def example_batch(self, batch_size: int = 2) -> torch.Tensor:
+        """A valid batch of zeros of the data's shape (to check an estimator against the pair)."""
+        return self.encoder[0].weight.new_zeros((batch_size,) + tuple(self.event_shape))
+
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}, event_shape={tuple(self.event_shape)}"
