@@ -1,4 +1,4 @@
-r"""Schedules for the KL weight ``beta`` as a function of the global training step.
+r"""Schedules for the KL weight ``beta`` (or a relaxation's temperature) as a function of the global training step.
 
 The lecture's advice: start with a low ``beta`` so the decoder learns to use
 ``z`` (a high KL weight early lets the posterior collapse onto the prior), end
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 
-__all__ = ["Schedule", "Constant", "LinearWarmup", "Cyclical", "Sigmoid"]
+__all__ = ["Schedule", "Constant", "LinearWarmup", "Cyclical", "Sigmoid", "Exponential"]
 
 
 class Schedule:
@@ -164,3 +164,34 @@ class Sigmoid(Schedule):
         # numerically safe logistic for large |u|
         s = 1.0 / (1.0 + math.exp(-u)) if u >= 0 else math.exp(u) / (1.0 + math.exp(u))
         return self.start + s * (self.end - self.start)
+
+
+class Exponential(Schedule):
+    r"""Exponential decay to a floor: ``value(step) = max(end, start * exp(-rate * step))``.
+
+    The Gumbel-softmax temperature schedule of Jang et al. (2017), who anneal
+    :math:`\tau` from 1 towards 0.5 with ``rate`` between 1e-5 and 1e-4 per step;
+    use it as ``temperature`` of :class:`pyro_lvm.estimators.RelaxedELBO` (or as
+    a decaying ``beta``).
+
+    Arguments:
+        start: value at step 0 (> 0).
+        end: the floor (>= 0).
+        rate: decay per step (>= 0).
+
+    Example:
+        >>> s = Exponential(start=1.0, end=0.5, rate=1e-3)
+        >>> s(0), round(s(500), 4), s(10_000)
+        (1.0, 0.6065, 0.5)
+    """
+
+    def __init__(self, start: float = 1.0, end: float = 0.5, rate: float = 1e-4):
+        _check_nonnegative(end=end, rate=rate)
+        if start <= 0:
+            raise ValueError(f"start must be > 0; got {start}.")
+        self.start = start
+        self.end = end
+        self.rate = rate
+
+    def __call__(self, step: int) -> float:
+        return max(self.end, self.start * math.exp(-self.rate * step))

@@ -90,3 +90,38 @@ def test_fit_with_ddp_on_two_cpu_processes(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Run folder:" in result.stdout
     assert (tmp_path / "runs" / "vae_digits" / "version_0" / "samples.png").is_file()
+
+
+@pytest.mark.parametrize(
+    "config, estimator",
+    [
+        ("vae_digits.yaml", "reparam"),
+        ("vae_digits.yaml", "analytic_kl"),
+        ("vae_digits.yaml", "stl"),
+        ("vae_digits.yaml", "score_function"),
+        ("vae_digits.yaml", "iwae"),
+        ("vae_digits.yaml", "dreg"),
+        ("discrete_vae_digits.yaml", "vimco"),
+        ("discrete_vae_digits.yaml", "enum"),
+        ("discrete_vae_digits.yaml", "relaxed"),
+        ("discrete_vae_digits.yaml", "score_function"),
+    ],
+)
+def test_each_estimator_is_one_flag(config, estimator, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", f"--config={REPO / 'configs' / config}", f"--model.estimator={estimator}",
+          "--model.num_particles=3", "--trainer.max_epochs=1", "--trainer.limit_train_batches=8",
+          *QUIET])
+
+
+def test_estimator_options_are_one_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--model.estimator=score_function", "--model.estimator_options={baseline: nvil, baseline_lr: 0.01}",
+          "--trainer.fast_dev_run=true", *QUIET])
+
+
+def test_a_wrong_combination_fails_before_training(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="'iwae' needs reparameterizable latents.*use 'vimco'"):
+        main(["fit", f"--config={REPO / 'configs' / 'discrete_vae_digits.yaml'}", "--model.estimator=iwae",
+              "--trainer.fast_dev_run=true", *QUIET])
