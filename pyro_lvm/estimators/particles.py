@@ -129,6 +129,13 @@ class ParticleELBO(BetaMixin, ELBO):
             )
         self.data_plate = data_plate
 
+    def check(self, model: Callable, guide: Callable, *args, **kwargs) -> None:
+        super().check(model, guide, *args, **kwargs)
+        # the dry run that sizes the particle dim happens here, not in the first
+        # training step, so a resumed run draws the same random numbers
+        if self.max_plate_nesting == float("inf"):
+            self._guess_max_plate_nesting(model, guide, args, kwargs)
+
     # ----- traces ---------------------------------------------------------------------
     def _particles(self, fn: Callable) -> Callable:
         dim = -(self.max_plate_nesting + 1)
@@ -153,8 +160,6 @@ class ParticleELBO(BetaMixin, ELBO):
 
     def _run_guide(self, model, guide, args, kwargs):
         self._check_once(model, guide, args, kwargs)
-        if self.max_plate_nesting == float("inf"):
-            self._guess_max_plate_nesting(model, guide, args, kwargs)
         guide = self._wrap_guide(self._particles(self._scaled(guide)))
         return guide, prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
 
