@@ -5,21 +5,21 @@ it works with :class:`pyro.infer.SVI`, with Pyro's :class:`~pyro.infer.elbo.ELBO
 (``elbo(model, guide)``) and with :class:`pyro_lvm.LVMModule`, on the built-in
 models and on a user's own model/guide pair. :func:`make_elbo` builds one by name:
 
-==================  ===================================================  =========================
-name                gradient of                                          latents
-==================  ===================================================  =========================
-``reparam``         ELBO, pathwise (reparameterization trick)            reparameterizable [#]_
-``analytic_kl``     ELBO with the KL in closed form                      closed-form KL
-``stl``             ELBO, pathwise without the score term (Roeder 2017)  reparameterizable
-``score_function``  ELBO, REINFORCE with a baseline (none/average/NVIL)   any
-``iwae``            IWAE bound (Burda 2015), pathwise                    reparameterizable
-``dreg``            IWAE bound, doubly reparameterized (Tucker 2018)     reparameterizable
-``vimco``           IWAE bound, leave-one-out score function (Mnih 2016) any, ``num_particles >= 2``
-``enum``            ELBO, discrete latents summed out exactly            enumerable discrete
-``relaxed``         relaxed ELBO, Gumbel-softmax / Concrete (Jang 2017)  OneHotCategorical, Bernoulli
-==================  ===================================================  =========================
+==================  ======================================================  ==============================
+name                gradient of                                             latents
+==================  ======================================================  ==============================
+``reparam``         ELBO, pathwise (reparameterization trick)               reparameterizable (*)
+``analytic_kl``     ELBO with the KL in closed form                         closed-form KL
+``stl``             ELBO, pathwise without the score term (Roeder 2017)     reparameterizable
+``score_function``  ELBO, REINFORCE with a baseline (none, average, NVIL)   any
+``iwae``            IWAE bound (Burda 2015), pathwise                       reparameterizable
+``dreg``            IWAE bound, doubly reparameterized (Tucker 2018)        reparameterizable
+``vimco``           IWAE bound, leave-one-out score function (Mnih 2016)    any, ``num_particles >= 2``
+``enum``            ELBO, discrete latents summed out exactly               enumerable discrete
+``relaxed``         relaxed ELBO, Gumbel-softmax (Jang 2017)                OneHotCategorical, Bernoulli
+==================  ======================================================  ==============================
 
-.. [#] Other sites fall back to the score function, as in Pyro.
+(*) Other sites fall back to the score function, as in Pyro.
 
 A combination that cannot work fails before training with a message that says
 what to use instead: :meth:`~pyro_lvm.estimators.base.BetaMixin.check` runs the
