@@ -5,7 +5,7 @@ gradient (:func:`make_elbo`), a KL weight or schedule (:mod:`pyro_lvm.schedules`
 and train with :func:`fit` or ``pyro-lvm fit``.
 """
 
-from . import data, estimators, likelihoods, nets, plots, schedules
+from . import data, diagnostics, estimators, likelihoods, nets, plots, schedules
 from .estimators import make_elbo
 from .models.discrete_vae import DiscreteVAE
 from .models.vae import VAE
@@ -21,6 +21,7 @@ __all__ = [
     "elbo_terms",
     "make_elbo",
     "data",
+    "diagnostics",
     "estimators",
     "likelihoods",
     "nets",

@@ -168,3 +168,27 @@ def test_a_global_latent_gives_one_joint_weight_per_particle():
     log_px = float(MultivariateNormal(torch.zeros(n, dtype=torch.float64), cov).log_prob(x))
     for name in ("iwae", "dreg", "vimco"):
         assert -make_elbo(name, num_particles=4).loss(model, guide, x) == pytest.approx(log_px, rel=1e-10)
+
+
+def test_meter_dreg_and_stl_lower_the_encoder_variance_of_the_digits_vae():
+    import pyro_lvm
+    from pyro_lvm.diagnostics import gradient_variance
+
+    data = pyro_lvm.data.DigitsDataModule(binarize="static", batch_size=64)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    torch.manual_seed(0)
+    vae = pyro_lvm.VAE(data_shape=64, latent_dim=4, hidden_dims=[64])
+    table = gradient_variance(
+        vae, None, {"iwae": make_elbo("iwae", num_particles=8), "dreg": make_elbo("dreg", num_particles=8),
+                    "reparam": make_elbo("reparam"), "stl": make_elbo("stl")},
+        batch, num_draws=30, seed=0,
+    ).set_index(["estimator", "group"])
+    variance = table["variance"]
+    # measured: dreg 7.5x below iwae, stl 4.4x below reparam (seed 0)
+    assert variance["dreg", "encoder"] < 0.4 * variance["iwae", "encoder"]
+    assert variance["stl", "encoder"] < 0.5 * variance["reparam", "encoder"]
+    assert table.loc[("dreg", "encoder"), "snr"] > table.loc[("iwae", "encoder"), "snr"]
+    # the decoder's gradient is the same estimator, and the draws are the same
+    assert variance["dreg", "decoder"] == pytest.approx(variance["iwae", "decoder"], rel=1e-6)
+    assert variance["stl", "decoder"] == pytest.approx(variance["reparam", "decoder"], rel=1e-6)
