@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -77,6 +78,16 @@ class BetaMixin:
     def _get_trace(self, model, guide, args, kwargs):
         self._check_once(model, guide, args, kwargs)
         return super()._get_trace(self._scaled(model), self._scaled(guide), args, kwargs)
+
+    def _guess_max_plate_nesting(self, model, guide, args, kwargs) -> None:
+        # Pyro announces its guess at INFO level on stderr at every first use; quiet it
+        logger = logging.getLogger("pyro.infer.elbo")
+        level = logger.level
+        logger.setLevel(max(level, logging.WARNING))
+        try:
+            super()._guess_max_plate_nesting(model, guide, args, kwargs)
+        finally:
+            logger.setLevel(level)
 
     # ----- compatibility ------------------------------------------------------------
     def check(self, model: Callable, guide: Callable, *args, **kwargs) -> None:
