@@ -5,8 +5,9 @@ gradient (:func:`make_elbo`), a KL weight or schedule (:mod:`pyro_lvm.schedules`
 and train with :func:`fit` or ``pyro-lvm fit``.
 """
 
-from . import data, diagnostics, estimators, likelihoods, nets, plots, schedules
+from . import data, diagnostics, estimators, guides, likelihoods, nets, plots, schedules
 from .estimators import make_elbo
+from .guides import AmortizedGuide, PerDatapointGuide, SemiAmortizedGuide, with_global_autoguide
 from .models.discrete_vae import DiscreteVAE
 from .models.vae import VAE
 from .training import LVMModule, elbo_terms, fit
@@ -20,9 +21,14 @@ __all__ = [
     "fit",
     "elbo_terms",
     "make_elbo",
+    "AmortizedGuide",
+    "PerDatapointGuide",
+    "SemiAmortizedGuide",
+    "with_global_autoguide",
     "data",
     "diagnostics",
     "estimators",
+    "guides",
     "likelihoods",
     "nets",
     "plots",

@@ -45,6 +45,8 @@ def _owner(fn: Any) -> Optional[nn.Module]:
 
 
 def _call_spec(fn: Callable) -> tuple[set[str], bool]:
+    if isinstance(fn, nn.Module):  # its __call__ takes (*args, **kwargs); forward says what it uses
+        fn = fn.forward
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
@@ -228,8 +230,9 @@ class LVMModule(pl.LightningModule):
         self.pyro_params = nn.ParameterDict()
         self._param_state: dict = {"params": {}, "constraints": {}}
         self._initialized = False
-        example = getattr(getattr(self, "lvm", None), "example_batch", None)
-        if callable(example) and hasattr(estimator, "check"):
+        lvm = getattr(self, "lvm", None)
+        example = getattr(lvm, "example_batch", None)
+        if callable(example) and hasattr(estimator, "check") and guide == getattr(lvm, "guide", None):
             # a built-in model knows its data shape: wrong combinations fail here
             with torch.no_grad(), self._scope():
                 estimator.check(self.objective.model, self.objective.guide, example())
@@ -278,12 +281,13 @@ class LVMModule(pl.LightningModule):
             return
         loader = self._dataloader(stage)
         set_num_data = getattr(self._guide, "set_num_data", None)
-        if stage == "fit" and callable(set_num_data):
+        if callable(set_num_data):
             # a per-datapoint guide sizes its table from the training set
+            train = loader if stage == "fit" else self._train_loader()
             try:
-                set_num_data(len(loader.dataset))
-            except TypeError:
-                pass  # an iterable dataset without a length: the guide must be told num_data
+                set_num_data(len(train.dataset))
+            except (TypeError, AttributeError):
+                pass  # no training set with a length: the guide must be told num_data
         try:
             batch = next(iter(loader))
         except Exception as err:
@@ -291,7 +295,22 @@ class LVMModule(pl.LightningModule):
                 f"LVMModule could not draw a batch from the {stage} data to create the pair's "
                 "lazily initialized parameters; call module.initialize(batch) before the Trainer."
             ) from err
-        self.initialize(batch)
+        training = self.training
+        self.train(stage == "fit")  # e.g. a per-datapoint guide treats held-out data differently
+        try:
+            self.initialize(batch)
+        finally:
+            self.train(training)
+
+    def _train_loader(self) -> Any:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is None:
+            return None
+        try:
+            datamodule.setup("fit")
+            return datamodule.train_dataloader()
+        except Exception:
+            return None
 
     def _dataloader(self, stage: str) -> Any:
         trainer = self.trainer
