@@ -229,20 +229,16 @@ class ScoreFunctionELBO(ParticleELBO):
         self._averages[key] = self.baseline_beta * old + (1 - self.baseline_beta) * value
         return old
 
-    def _baselines(self, weights: LogWeights, args, update: bool):
+    def _baselines(self, weights: LogWeights, joint: torch.Tensor, args):
         """Baselines for the local signal (broadcastable to ``weights.local``),
-        the other terms, and the total; and the NVIL regression loss."""
+        the other terms and the ``joint`` weight; and the NVIL regression loss."""
         local, other = weights.local.detach(), weights.other.detach()
-        total = weights.joint().detach() if not weights.factorizes else None
         zero = local.new_zeros(())
         if self.baseline == "none":
             return zero, zero, zero, zero
-        b_other = self._average("other", other.mean()) if weights.has_other and update else zero
-        b_total = zero
-        if weights.has_other and update:
-            joint = other + weights.data_scale * local.sum(
-                [d for d in range(-local.dim(), 0) if d != weights.particle_dim], keepdim=True
-            )
+        b_other = b_total = zero
+        if weights.has_other:
+            b_other = self._average("other", other.mean())
             b_total = self._average("total", joint.mean())
         if self.baseline == "nvil" and weights.data_dims:
             if len(weights.data_dims) != 1:
@@ -253,26 +249,22 @@ class ScoreFunctionELBO(ParticleELBO):
             b_local = self.baseline_net(args[0]).reshape(shape)
             regression = ((local - b_local) ** 2).mean()
             return b_local.detach(), b_other, b_total, regression
-        b_local = self._average("local", local.mean()) if update else zero
-        return b_local, b_other, b_total, zero
+        return self._average("local", local.mean()), b_other, b_total, zero
 
     def _surrogate(self, model, guide, args, kwargs):
         _, model_trace, guide_trace = self._traces(model, guide, args, kwargs)
         weights = self.log_weights(model_trace, guide_trace)
         k = self.num_particles
-        pd = weights.particle_dim
         scale = weights.data_scale
         bound = (scale * weights.local.sum() + weights.other.sum()) / k
         if not torch.is_grad_enabled():
             return bound, bound
-        b_local, b_other, b_total, regression = self._baselines(weights, args, update=True)
         local, other = weights.local.detach(), weights.other.detach()
+        joint = weights.joint().detach()  # the whole batch's log weight, when it does not factorize
+        b_local, b_other, b_total, regression = self._baselines(weights, joint, args)
         # data point i's latents: its own terms, plus the terms outside the data plate
         local_cost = scale * (local - b_local) + (other - b_other)
         score = (local_cost * weights.local_q).sum()
         if weights.has_other:
-            joint = other + scale * local.sum(
-                [d for d in range(-local.dim(), 0) if d != pd], keepdim=True
-            )
             score = score + ((joint - b_total) * weights.other_q).sum()
         return bound, bound + score / k - regression

@@ -7,7 +7,7 @@ import math
 import torch
 
 from .base import _guide_covers_model
-from .particles import ParticleELBO, log_mean_exp
+from .particles import ParticleELBO, _sum_except, log_mean_exp
 from .score_function import _ScoreFunctionGuide
 
 __all__ = ["VIMCOELBO"]
@@ -83,7 +83,7 @@ class VIMCOELBO(ParticleELBO):
         signal = bound_i.detach() - loo
         log_q = weights.local_q if weights.factorizes else (
             weights.other_q
-            + weights.local_q.sum([d for d in range(-log_w.dim(), 0) if d != pd], keepdim=True)
+            + _sum_except(weights.local_q, pd)
         )
         score = weights.total((signal * log_q).sum(pd, keepdim=True))
         return bound, bound + score
