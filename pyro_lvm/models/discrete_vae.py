@@ -7,18 +7,16 @@ from typing import Literal, Optional, Sequence, Union
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.util import is_validation_enabled
-from pyro.nn import PyroModule
 from torch.nn.functional import one_hot
 
 from ..likelihoods import Likelihood, make_likelihood
 from ..nets import MLP
-from .vae import VAE
+from .base import LatentVariableModel
 
 __all__ = ["DiscreteVAE"]
 
 
-class DiscreteVAE(PyroModule):
+class DiscreteVAE(LatentVariableModel):
     r"""Variational autoencoder whose latent ``z`` is discrete: categorical or binary.
 
     With ``latent="categorical"``, ``z`` is ``num_latents`` (:math:`M`) independent
@@ -137,6 +135,7 @@ class DiscreteVAE(PyroModule):
             likelihood, data_shape, scale=likelihood_scale
         )
         self.event_shape = self.likelihood.event_shape
+        self.latent_shape = self.logits_shape
         data_dim = self.likelihood.data_dim
         latent_dim = self.logits_shape.numel()
         self.encoder = MLP(data_dim, hidden_dims, latent_dim, activation)
@@ -179,19 +178,6 @@ class DiscreteVAE(PyroModule):
         with self._plate(x, num_data):
             return pyro.sample("z", self.latent_dist(self.encode(x)))
 
-    _plate = VAE._plate  # the same subsampling convention as VAE
-
-    def _check(self, x: torch.Tensor, support: bool = True) -> None:
-        if is_validation_enabled():
-            if x.dim() != len(self.event_shape) + 1 or x.shape[1:] != self.event_shape:
-                raise ValueError(
-                    f"DiscreteVAE expects a batch of shape (batch, "
-                    f"{', '.join(map(str, self.event_shape))}); got {tuple(x.shape)}. "
-                    "Set data_shape to the data's shape, or reshape the data."
-                )
-            if support:
-                self.likelihood.check(x)
-
     def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         # flatten only the per-data-point dims of z: leading dims may be particles or
         # enumerated values; with latent_event_dim == 0 this appends the M = 1 dim
@@ -199,10 +185,6 @@ class DiscreteVAE(PyroModule):
         return self.decoder(flat)
 
     # ----- conveniences --------------------------------------------------------------
-    def example_batch(self, batch_size: int = 2) -> torch.Tensor:
-        """A batch of zeros of the data's shape: valid input to :meth:`model` and :meth:`guide`."""
-        return self.encoder[0].weight.new_zeros((batch_size,) + self.event_shape)
-
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of q(z | x), of shape ``(..., num_latents, num_categories)`` or ``(..., num_latents)``."""
         h = self.encoder(x.reshape(x.shape[: x.dim() - len(self.event_shape)] + (-1,)))
@@ -224,13 +206,6 @@ class DiscreteVAE(PyroModule):
         else:
             z = (logits > 0).to(logits)
         return self.decode(z.reshape(q.shape()))
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
-        """Draw ``x`` from the model: E[x | z] (``mean=True``) or a draw of x, z ~ p(z)."""
-        z = self.prior(torch.Size([num_samples])).sample()
-        h = self._decoder_output(z)
-        return self.likelihood.mean(h) if mean else self.likelihood(h).sample()
 
     def extra_repr(self) -> str:
         categories = f", num_categories={self.num_categories}" if self.num_categories else ""

@@ -7,17 +7,16 @@ from typing import Literal, Optional, Sequence, Union
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
-from pyro.infer.util import is_validation_enabled
 from torch.nn.functional import softplus
 
 from ..likelihoods import Likelihood, make_likelihood
 from ..nets import MLP
+from .base import LatentVariableModel
 
 __all__ = ["VAE"]
 
 
-class VAE(PyroModule):
+class VAE(LatentVariableModel):
     r"""Variational autoencoder (Kingma & Welling 2014; Rezende et al. 2014).
 
     The generative model and the amortized guide are
@@ -82,6 +81,7 @@ class VAE(PyroModule):
             activation=activation,
         )
         self.latent_dim = latent_dim
+        self.latent_shape = torch.Size([latent_dim])
         self.likelihood: Likelihood = make_likelihood(
             likelihood, data_shape, scale=likelihood_scale
         )
@@ -91,11 +91,6 @@ class VAE(PyroModule):
         self.decoder = MLP(latent_dim, list(reversed(hidden_dims)), data_dim, activation)
 
     # ----- the Pyro model/guide pair -------------------------------------------------
-    def prior(self, batch_shape: torch.Size = torch.Size()) -> dist.TorchDistribution:
-        """p(z) = N(0, I) with the given batch shape."""
-        zeros = self.encoder[0].weight.new_zeros(batch_shape + (self.latent_dim,))
-        return dist.Normal(zeros, 1.0).to_event(1)
-
     def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
         """p(x, z): ``z ~ N(0, I)``, ``x ~ p(x | z)``; observes ``x``."""
         self._check(x)
@@ -113,23 +108,6 @@ class VAE(PyroModule):
             loc, scale = self.encode(x)
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
-    def _plate(self, x: torch.Tensor, num_data: Optional[int]):
-        batch = x.shape[0]
-        if num_data is None:
-            return pyro.plate("data", batch)
-        # x is a mini-batch of a data set of num_data points: scale by num_data / batch
-        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
-
-    def _check(self, x: torch.Tensor, support: bool = True) -> None:
-        if is_validation_enabled():
-            if x.dim() != len(self.event_shape) + 1 or x.shape[1:] != self.event_shape:
-                raise ValueError(
-                    f"VAE expects a batch of shape (batch, {', '.join(map(str, self.event_shape))}); "
-                    f"got {tuple(x.shape)}. Set data_shape to the data's shape, or reshape the data."
-                )
-            if support:
-                self.likelihood.check(x)
-
     # ----- conveniences --------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of q(z | x)."""
@@ -137,26 +115,5 @@ class VAE(PyroModule):
         loc, raw = h.split(self.latent_dim, dim=-1)
         return loc, softplus(raw) + 1e-5
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """E[x | z], e.g. pixel probabilities for a Bernoulli likelihood."""
-        return self.likelihood.mean(self.decoder(z))
-
-    @torch.no_grad()
-    def reconstruct(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """E[x | z] at z = the posterior mean (or a posterior draw if ``sample``)."""
-        loc, scale = self.encode(x)
-        return self.decode(loc + scale * torch.randn_like(scale) if sample else loc)
-
-    @torch.no_grad()
-    def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
-        """Draw ``x`` from the model: E[x | z] (``mean=True``) or a draw of x, z ~ p(z)."""
-        z = self.prior(torch.Size([num_samples])).sample()
-        h = self.decoder(z)
-        return self.likelihood.mean(h) if mean else self.likelihood(h).sample()
-
-    def example_batch(self, batch_size: int = 2) -> torch.Tensor:
-        """A valid batch of zeros of the data's shape (to check an estimator against the pair)."""
-        return self.encoder[0].weight.new_zeros((batch_size,) + tuple(self.event_shape))
-
-    def extra_repr(self) -> str:
-        return f"latent_dim={self.latent_dim}, event_shape={tuple(self.event_shape)}"
+    def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z)

@@ -1,0 +1,107 @@
+"""What pyro_lvm's built-in models share: the data plate, input checks, and conveniences."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer.util import is_validation_enabled
+from pyro.nn import PyroModule
+
+from ..likelihoods import Likelihood
+
+__all__ = ["LatentVariableModel"]
+
+
+class LatentVariableModel(PyroModule):
+    r"""Base class of the built-in models: a Pyro model/guide pair with image conveniences.
+
+    A subclass sets ``event_shape`` (one data point's shape), ``latent_shape``
+    (the event shape of the latent site ``"z"`` that pictures and traversals use),
+    ``likelihood`` (a :class:`pyro_lvm.likelihoods.Likelihood`), and implements
+    :meth:`encode` (mean and standard deviation of :math:`q(z \mid x)`) and
+    :meth:`_decoder_output` (the likelihood's input for a ``z``). It inherits
+
+    * the data plate convention: latents and observations live in ``pyro.plate("data")``,
+      which scales a mini-batch up to ``num_data`` points when that is given;
+    * input checks (shape, NaNs, the likelihood's support) while Pyro's validation is on;
+    * :meth:`prior` (:math:`\mathcal N(0, I)` over ``latent_shape``), :meth:`decode`,
+      :meth:`reconstruct`, :meth:`sample` and :meth:`example_batch`.
+    """
+
+    event_shape: torch.Size
+    latent_shape: torch.Size
+    likelihood: Likelihood
+
+    # ----- to implement ------------------------------------------------------------
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and standard deviation of q(z | x), each of shape ``(..., *latent_shape)``."""
+        raise NotImplementedError
+
+    def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+        """The likelihood's (flat) input for ``z`` of shape ``(..., *latent_shape)``."""
+        raise NotImplementedError
+
+    # ----- shared ------------------------------------------------------------------
+    @property
+    def _reference(self) -> torch.Tensor:
+        """A parameter of the model: where new tensors get their device and dtype."""
+        return next(self.parameters())
+
+    @property
+    def num_latent_dims(self) -> int:
+        """Number of scalar latent variables in ``z`` (the product of ``latent_shape``)."""
+        return math.prod(self.latent_shape)
+
+    def prior(self, batch_shape: torch.Size = torch.Size()) -> dist.TorchDistribution:
+        """p(z) = N(0, I) over ``latent_shape``, with the given batch shape."""
+        zeros = self._reference.new_zeros(torch.Size(batch_shape) + self.latent_shape)
+        return dist.Normal(zeros, 1.0).to_event(len(self.latent_shape))
+
+    def _plate(self, x: torch.Tensor, num_data: Optional[int]) -> pyro.plate:
+        batch = x.shape[0]
+        if num_data is None:
+            return pyro.plate("data", batch)
+        # x is a mini-batch of a data set of num_data points: scale by num_data / batch
+        return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
+
+    def _check(self, x: torch.Tensor, support: bool = True, shape: Optional[torch.Size] = None,
+               name: str = "x") -> None:
+        if not is_validation_enabled():
+            return
+        shape = self.event_shape if shape is None else shape
+        if x.dim() != len(shape) + 1 or x.shape[1:] != shape:
+            raise ValueError(
+                f"{type(self).__name__} expects {'a batch' if name == 'x' else 'a batch of ' + name} of shape (batch, {', '.join(map(str, shape))}); "
+                f"got {tuple(x.shape)}. Set the model's shape arguments to the data's shape, "
+                "or reshape the data."
+            )
+        if support:
+            self.likelihood.check(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """E[x | z] for ``z`` of shape ``(..., *latent_shape)``, e.g. pixel probabilities."""
+        return self.likelihood.mean(self._decoder_output(z))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """E[x | z] at z = the posterior mean (or a posterior draw if ``sample``)."""
+        loc, scale = self.encode(x)
+        return self.decode(loc + scale * torch.randn_like(scale) if sample else loc)
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, mean: bool = True) -> torch.Tensor:
+        """Draw ``x`` from the model: E[x | z] (``mean=True``) or a draw of x, z ~ p(z)."""
+        z = self.prior(torch.Size([num_samples])).sample()
+        h = self._decoder_output(z)
+        return self.likelihood.mean(h) if mean else self.likelihood(h).sample()
+
+    def example_batch(self, batch_size: int = 2) -> torch.Tensor:
+        """A valid batch of zeros of the data's shape (to check an estimator against the pair)."""
+        return self._reference.new_zeros((batch_size,) + tuple(self.event_shape))
+
+    def extra_repr(self) -> str:
+        return f"latent_shape={tuple(self.latent_shape)}, event_shape={tuple(self.event_shape)}"
