@@ -5,10 +5,12 @@ gradient (:func:`make_elbo`), a KL weight or schedule (:mod:`pyro_lvm.schedules`
 and train with :func:`fit` or ``pyro-lvm fit``.
 """
 
-from . import data, diagnostics, estimators, guides, likelihoods, nets, plots, schedules
+from . import data, diagnostics, estimators, guides, likelihoods, monitoring, nets, plots, schedules
 from .estimators import make_elbo
 from .guides import AmortizedGuide, PerDatapointGuide, SemiAmortizedGuide, with_global_autoguide
+from .models.conv_vae import ConvVAE
 from .models.discrete_vae import DiscreteVAE
+from .models.hierarchical_vae import HierarchicalVAE
 from .models.vae import VAE
 from .training import LVMModule, elbo_terms, fit
 
@@ -17,6 +19,8 @@ __version__ = "0.1.0"
 __all__ = [
     "VAE",
     "DiscreteVAE",
+    "ConvVAE",
+    "HierarchicalVAE",
     "LVMModule",
     "fit",
     "elbo_terms",
@@ -30,6 +34,7 @@ __all__ = [
     "estimators",
     "guides",
     "likelihoods",
+    "monitoring",
     "nets",
     "plots",
     "schedules",

@@ -22,19 +22,29 @@ import importlib
 import inspect
 import itertools
 import logging
+import math
 import os
 import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from .checkpoints import load_checkpoint
-from .plots import plot_loss_curves, plot_reconstructions, plot_samples
+from .plots import (
+    plot_completions,
+    plot_interpolation,
+    plot_latent_space,
+    plot_loss_curves,
+    plot_manifold,
+    plot_reconstructions,
+    plot_samples,
+    plot_traversals,
+)
 from .training import LVMModule
 
 __all__ = ["RunReport", "LVMCLI", "main", "gradient_variance_main", "DEFAULT_CONFIG"]
@@ -43,13 +53,30 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
 
 class RunReport(pl.Callback):
-    """At the end of ``fit``, write pictures into the run folder and say where everything is.
+    r"""At the end of ``fit``, write pictures into the run folder and say where everything is.
 
-    ``loss_curves.png`` (from ``metrics.csv``), and for models with
-    ``reconstruct``/``sample`` (such as :class:`pyro_lvm.VAE`) and image-like
-    data, ``reconstructions.png`` (validation inputs above their
-    reconstructions) and ``samples.png`` (draws from the prior).
+    ``loss_curves.png`` (from ``metrics.csv``), and for image-like data, drawn
+    from the first validation batch by :mod:`pyro_lvm.plots` in evaluation mode,
+    without gradients, on the model's device:
+
+    * ``reconstructions.png`` (inputs above their reconstructions) and
+      ``samples.png`` (draws from the prior), for models with
+      ``reconstruct``/``sample`` such as :class:`pyro_lvm.VAE`;
+    * ``traversals.png`` and ``interpolation.png``, for a Gaussian
+      :math:`q(z \mid x)` (``encode(x) -> (loc, scale)``);
+    * ``manifold.png`` and ``latent_space.png`` (posterior means of the
+      validation set, coloured by ``batch["y"]`` if the data have labels), when
+      the latent has two coordinates;
+    * ``completions.png`` instead of all these, for a conditional model (one
+      with ``predict``) whose batches carry the full images as ``batch["y"]``.
+
+    A picture the model cannot draw (a ``ValueError`` or ``NotImplementedError``,
+    e.g. traversals of a discrete latent) is skipped; the printed summary names
+    it on one line and :attr:`skipped` keeps the reasons.
     """
+
+    def __init__(self) -> None:
+        self.skipped: dict[str, str] = {}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # trainer.log_dir is a collective under DDP: every rank must ask for it
@@ -60,11 +87,12 @@ class RunReport(pl.Callback):
     def _report(self, trainer: pl.Trainer, pl_module: pl.LightningModule, run_dir: Path) -> None:
         run_dir.mkdir(parents=True, exist_ok=True)
         written = []
+        self.skipped = {}
         metrics = run_dir / "metrics.csv"
         if metrics.is_file():
             written.append(plot_loss_curves(metrics, run_dir / "loss_curves.png"))
         lvm = getattr(pl_module, "lvm", None)
-        if lvm is not None and hasattr(lvm, "reconstruct") and hasattr(lvm, "sample"):
+        if lvm is not None:
             written += self._pictures(trainer, lvm, run_dir)
         ckpt = trainer.checkpoint_callback
         lines = [f"Run folder: {run_dir.resolve()}"]
@@ -73,30 +101,64 @@ class RunReport(pl.Callback):
         if ckpt is not None and ckpt.last_model_path:
             lines.append(f"  last checkpoint: {ckpt.last_model_path}")
         lines += [f"  {p.name}: {p}" for p in written]
+        if self.skipped:
+            lines.append(f"  not drawn (the model or data cannot): {', '.join(self.skipped)}")
         if "val/elbo" in trainer.callback_metrics:
             lines.append(f"  validation ELBO: {float(trainer.callback_metrics['val/elbo']):.3f} nats per data point")
         print("\n".join(lines))
 
-    @staticmethod
-    def _pictures(trainer: pl.Trainer, lvm, run_dir: Path) -> list[Path]:
+    def _pictures(self, trainer: pl.Trainer, lvm, run_dir: Path) -> list[Path]:
         datamodule = trainer.datamodule
         loader = datamodule.val_dataloader() if datamodule is not None else None
         if loader is None:
             return []
+        parameter = next(lvm.parameters(), None)
+        device = parameter.device if parameter is not None else torch.device("cpu")
         batch = next(iter(loader))
-        x = batch["x"] if isinstance(batch, dict) else batch
-        x = x.to(next(lvm.parameters()).device)
+        batch = dict(batch) if isinstance(batch, dict) else {"x": batch}
+        batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        x, y = batch["x"], batch.get("y")
+        pictures: dict[str, Callable[[Path], Path]] = {}
+        if hasattr(lvm, "predict") and isinstance(y, torch.Tensor) and y.shape == x.shape:
+            pictures["completions.png"] = lambda path: plot_completions(lvm, x, y, path)
+        else:
+            pairs = min(4, len(x) // 2)
+            pictures.update({
+                "reconstructions.png": lambda path: plot_reconstructions(lvm, x, path),
+                "samples.png": lambda path: plot_samples(lvm, path),
+                "traversals.png": lambda path: plot_traversals(lvm, x, path),
+                "interpolation.png": lambda path: plot_interpolation(lvm, x[:pairs], x[pairs : 2 * pairs], path),
+            })
+            if math.prod(getattr(lvm, "latent_shape", ())) == 2 and len(getattr(lvm, "latent_shape", ())):
+                pictures["manifold.png"] = lambda path: plot_manifold(lvm, path)
+                pictures["latent_space.png"] = lambda path: self._latent_space(lvm, loader, device, path)
+        was_training = lvm.training
+        lvm.eval()
+        written = []
         try:
-            was_training = lvm.training
-            lvm.eval()
-            out = [
-                plot_reconstructions(lvm, x, run_dir / "reconstructions.png"),
-                plot_samples(lvm, run_dir / "samples.png"),
-            ]
+            with torch.no_grad():
+                for name, draw in pictures.items():
+                    try:
+                        written.append(draw(run_dir / name))
+                    except (ValueError, NotImplementedError) as err:  # e.g. data that are not images
+                        self.skipped[name] = f"{type(err).__name__}: {err}"
+        finally:
             lvm.train(was_training)
-        except ValueError:  # data that are not images
-            return []
-        return out
+        return written
+
+    @staticmethod
+    def _latent_space(lvm, loader, device: torch.device, path: Path, max_points: int = 2000) -> Path:
+        xs, labels = [], []
+        for batch in loader:
+            batch = batch if isinstance(batch, dict) else {"x": batch}
+            xs.append(batch["x"])
+            y = batch.get("y")
+            labels.append(y if isinstance(y, torch.Tensor) and y.dim() == 1 else None)
+            if sum(len(x) for x in xs) >= max_points:
+                break
+        x = torch.cat(xs)[:max_points].to(device)
+        y = torch.cat(labels)[:max_points] if all(label is not None for label in labels) else None
+        return plot_latent_space(lvm, x, path, labels=y)
 
 
 def _valid_keys(parser: LightningArgumentParser, key: str) -> list[str]:

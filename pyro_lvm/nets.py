@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLP", "activation"]
+__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "activation"]
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -62,3 +62,79 @@ class MLP(nn.Sequential):
             layers += [nn.Linear(d_in, d_out), activation(act)]
         layers.append(nn.Linear(dims[-1], out_dim))
         super().__init__(*layers)
+
+
+def _over_images(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Apply a 2-D convolutional ``net`` to ``x`` of shape ``(..., C, H, W)``, any leading dims."""
+    batch = x.shape[:-3]
+    h = net(x.reshape((-1,) + x.shape[-3:]))
+    return h.reshape(batch + h.shape[1:])
+
+
+class ConvEncoder(nn.Sequential):
+    r"""A stack of stride-2 convolutions, each halving the height and width of an image.
+
+    Stage :math:`k` is ``Conv2d(kernel_size=4, stride=2, padding=1)`` to
+    ``channels[k]`` maps followed by the activation, so that an input of size
+    :math:`H \times W` leaves as ``channels[-1]`` maps of size
+    :math:`H / 2^K \times W / 2^K` (:math:`K` = ``len(channels)``; ``H`` and ``W``
+    divisible by :math:`2^K`). Inputs may carry any leading dimensions, ``(..., C, H, W)``.
+
+    Arguments:
+        in_channels: channels of the input image.
+        channels: output channels of each stage (one stage per entry).
+        act: activation after each stage (see :func:`activation`).
+
+    Example:
+        >>> net = ConvEncoder(1, [8, 16])
+        >>> net(torch.zeros(3, 1, 28, 28)).shape
+        torch.Size([3, 16, 7, 7])
+        >>> net(torch.zeros(2, 3, 1, 28, 28)).shape  # extra leading dims
+        torch.Size([2, 3, 16, 7, 7])
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], act: str = "relu"):
+        if len(channels) == 0:
+            raise ValueError("ConvEncoder needs at least one stage; got channels=[].")
+        layers: list[nn.Module] = []
+        for c_in, c_out in zip([in_channels, *channels[:-1]], channels):
+            layers += [nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1), activation(act)]
+        super().__init__(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _over_images(super().forward, x)
+
+
+class ConvDecoder(nn.Sequential):
+    r"""A stack of stride-2 transposed convolutions, each doubling the height and width.
+
+    The mirror of :class:`ConvEncoder`: ``channels[0]`` input maps pass through
+    ``ConvTranspose2d(kernel_size=4, stride=2, padding=1)`` layers to
+    ``channels[1:]`` and finally ``out_channels`` maps, with the activation between
+    layers and none after the last (its output is, e.g., the logits of a
+    likelihood). There are ``len(channels)`` layers, so the size grows by
+    :math:`2^K`. Inputs may carry any leading dimensions, ``(..., C, H, W)``.
+
+    Arguments:
+        channels: channels entering each layer (the first is the input's).
+        out_channels: channels of the output image.
+        act: activation between layers (see :func:`activation`).
+
+    Example:
+        >>> net = ConvDecoder([16, 8], 1)
+        >>> net(torch.zeros(3, 16, 7, 7)).shape
+        torch.Size([3, 1, 28, 28])
+    """
+
+    def __init__(self, channels: Sequence[int], out_channels: int, act: str = "relu"):
+        if len(channels) == 0:
+            raise ValueError("ConvDecoder needs at least one stage; got channels=[].")
+        layers: list[nn.Module] = []
+        dims = [*channels, out_channels]
+        for c_in, c_out in zip(dims[:-1], dims[1:]):
+            layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
+                       activation(act)]
+        super().__init__(*layers[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _over_images(super().forward, x)

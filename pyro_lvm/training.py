@@ -21,6 +21,8 @@ from torch import nn
 from .checkpoints import load_checkpoint
 from .data import TensorDataModule
 from .estimators import BetaMixin, make_elbo
+from .estimators.kl_control import Capacity, KLControl
+from .monitoring import LatentMonitor
 from .schedules import Constant, Schedule
 
 __all__ = ["LVMModule", "elbo_terms", "fit"]
@@ -88,12 +90,21 @@ def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, t
         >>> bool(torch.isclose(t["elbo"], t["reconstruction"] - t["kl"]))
         True
     """
+    return _terms(*_replayed_traces(model, guide, *args, **kwargs))
+
+
+def _replayed_traces(model: Callable, guide: Callable, *args, **kwargs):
+    """A guide trace and the model's trace replayed against it, log-densities computed."""
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
         *args, **kwargs
     )
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
+    return model_trace, guide_trace
+
+
+def _terms(model_trace, guide_trace) -> dict[str, torch.Tensor]:
     reconstruction = kl = torch.zeros(())
     for site in model_trace.nodes.values():
         if site["type"] == "sample":
@@ -137,7 +148,9 @@ class LVMModule(pl.LightningModule):
 
     Logged: ``train/loss`` (``-ELBO_beta`` per data point), ``train/beta``,
     and with no gradient step ``val/elbo``, ``val/reconstruction``, ``val/kl``
-    (the ELBO at ``beta = 1``, per data point; see :func:`elbo_terms`).
+    (the ELBO at ``beta = 1``, per data point; see :func:`elbo_terms`), and per
+    epoch ``val/active_units``, ``val/beta`` and the KL per latent dimension
+    (see ``latent_monitor``).
 
     Arguments:
         model: the model, or a module with ``model`` and ``guide`` methods.
@@ -154,6 +167,14 @@ class LVMModule(pl.LightningModule):
             per-datapoint guide) are trained at that rate instead.
         estimator_options: further options of the named estimator, e.g.
             ``{"baseline": "nvil"}`` for ``"score_function"``.
+        kl_control: :class:`~pyro_lvm.estimators.FreeBits` (a KL floor per latent
+            dimension) or :class:`~pyro_lvm.estimators.Capacity` (:math:`\gamma|\mathrm{KL} - C(t)|`,
+            which replaces ``beta``), for the ``"reparam"`` and ``"analytic_kl"`` estimators.
+        latent_monitor: a :class:`~pyro_lvm.monitoring.LatentMonitor`, ``True`` for the
+            default one, or ``False``: each validation epoch logs ``val/active_units``,
+            ``val/beta`` and the KL per dimension, writes ``latent_stats.csv`` into the
+            run folder, and warns (:class:`~pyro_lvm.monitoring.PosteriorCollapseWarning`)
+            when the posterior collapses.
 
     Example:
         >>> from pyro_lvm import VAE
@@ -172,6 +193,8 @@ class LVMModule(pl.LightningModule):
         beta: Union[float, Schedule] = 1.0,
         lr: float = 1e-3,
         estimator_options: Optional[dict[str, Any]] = None,
+        kl_control: Optional[KLControl] = None,
+        latent_monitor: Union[bool, LatentMonitor] = True,
     ):
         super().__init__()
         if _is_pair(model):
@@ -200,12 +223,27 @@ class LVMModule(pl.LightningModule):
         self.__dict__["_guide"] = guide  # not registered twice (it may be a module)
 
         if isinstance(estimator, str):
-            estimator = make_elbo(estimator, num_particles=num_particles, **(estimator_options or {}))
+            options = dict(estimator_options or {})
+            if kl_control is not None:
+                if estimator not in ("reparam", "analytic_kl"):
+                    raise ValueError(
+                        f"kl_control needs the KL separated from the reconstruction, per latent "
+                        f"dimension: use estimator 'reparam' or 'analytic_kl', not {estimator!r}."
+                    )
+                options["kl_control"] = kl_control
+            estimator = make_elbo(estimator, num_particles=num_particles, **options)
         elif num_particles != 1 or estimator_options:
             raise ValueError(
                 "num_particles and estimator_options apply to an estimator given by name; "
                 f"set them on the {type(estimator).__name__} you passed instead."
             )
+        elif kl_control is not None:
+            if not hasattr(estimator, "_init_kl_control"):
+                raise ValueError(
+                    f"kl_control needs an estimator with a separable KL (pyro_lvm's 'reparam' or "
+                    f"'analytic_kl'); {type(estimator).__name__} has none."
+                )
+            estimator._init_kl_control(kl_control)
         if not hasattr(estimator, "differentiable_loss"):
             raise TypeError(
                 f"{type(estimator).__name__} has no differentiable_loss; use a pyro_lvm estimator "
@@ -217,6 +255,16 @@ class LVMModule(pl.LightningModule):
             estimator.trainable_modules() if hasattr(estimator, "trainable_modules") else []
         )
         self.beta_schedule = beta if isinstance(beta, Schedule) else Constant(float(beta))
+        self.kl_control = getattr(estimator, "kl_control", None)
+        if isinstance(self.kl_control, Capacity) and not (
+            isinstance(self.beta_schedule, Constant) and self.beta_schedule.value == 1.0
+        ):
+            raise ValueError(
+                "Capacity control replaces beta (its gamma weighs |KL - C|); leave beta at 1."
+            )
+        if latent_monitor is True:
+            latent_monitor = LatentMonitor()
+        self.latent_monitor: Optional[LatentMonitor] = latent_monitor or None
         if not isinstance(estimator, BetaMixin) and not (
             isinstance(self.beta_schedule, Constant) and self.beta_schedule.value == 1.0
         ):
@@ -337,12 +385,18 @@ class LVMModule(pl.LightningModule):
         loss = self(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/beta", beta, on_step=True, on_epoch=False)
+        if self.kl_control is not None:
+            for key, value in self.kl_control.state().items():  # e.g. the capacity C(t)
+                self.log(f"train/{key}", value, on_step=True, on_epoch=False)
         return loss
 
     def _evaluate(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         args, kwargs, batch_size = self._inputs(batch)
         with self._scope():
-            terms = elbo_terms(self.objective.model, self.objective.guide, *args, **kwargs)
+            traces = _replayed_traces(self.objective.model, self.objective.guide, *args, **kwargs)
+        terms = _terms(*traces)
+        if self.latent_monitor is not None and not self.trainer.sanity_checking:
+            self.latent_monitor.update(*traces)
         for key, value in terms.items():
             self.log(
                 f"{stage}/{key}", value / batch_size, prog_bar=stage == "val" and key == "elbo",
@@ -355,6 +409,41 @@ class LVMModule(pl.LightningModule):
 
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluate(batch, "test")
+
+    # ----- the latent code, each epoch ---------------------------------------------
+    def on_validation_epoch_start(self) -> None:
+        if self.latent_monitor is not None:
+            self.latent_monitor.reset()
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def on_validation_epoch_end(self) -> None:
+        self._end_latent_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._end_latent_epoch("test")
+
+    def _end_latent_epoch(self, stage: str) -> None:
+        monitor = self.latent_monitor
+        if monitor is None or self.trainer.sanity_checking:
+            return
+        strategy = self.trainer.strategy
+        summary = monitor.end_epoch(
+            self.current_epoch, self.global_step, float(self.estimator.beta),
+            reduce=lambda t: strategy.reduce(t, reduce_op="sum"),
+            warn=stage == "val" and self.trainer.is_global_zero,
+        )
+        if summary["num_units"] == 0:
+            return
+        metrics = monitor.metrics(summary, prefix=stage)
+        metrics[f"{stage}/beta"] = float(self.estimator.beta)
+        # already summed over processes: every rank logs the same numbers
+        self.log_dict(metrics, on_step=False, on_epoch=True)
+        if stage == "val" and self.trainer.is_global_zero and self.trainer.logger is not None:
+            log_dir = self.trainer.logger.log_dir
+            if log_dir is not None:
+                os.makedirs(log_dir, exist_ok=True)
+                monitor.write_csv(summary, os.path.join(log_dir, "latent_stats.csv"))
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam over every parameter; a submodule with an ``own_lr`` attribute gets that rate.
@@ -461,11 +550,15 @@ def fit(
     beta: Union[float, Schedule] = 1.0,
     lr: float = 1e-3,
     estimator_options: Optional[dict[str, Any]] = None,
+    kl_control: Optional[KLControl] = None,
+    latent_monitor: Union[bool, LatentMonitor] = True,
     seed: Optional[int] = 0,
     ckpt_path: Optional[str] = None,
     **trainer_kwargs: Any,
 ) -> LVMModule:
     """Train a model/guide pair in one call and return the trained :class:`LVMModule`.
+
+    The arguments from ``model`` to ``latent_monitor`` are those of :class:`LVMModule`.
 
     ``data`` is a Lightning data module or a tensor with one row per data point,
     of which a random tenth (seeded by ``seed``) is held out for the validation
@@ -505,7 +598,7 @@ def fit(
         raise ValueError("fit() needs data: a LightningDataModule or a tensor of data points.")
     module = LVMModule(
         model, guide, estimator=estimator, num_particles=num_particles, beta=beta, lr=lr,
-        estimator_options=estimator_options,
+        estimator_options=estimator_options, kl_control=kl_control, latent_monitor=latent_monitor,
     )
     if ckpt_path is not None:
         load_checkpoint(ckpt_path)

@@ -39,6 +39,12 @@ give ``beta log p(z) - log q(z)``, which is not ``beta`` times the KL). Any
 ``beta >= 0`` works, including 0 (pure reconstruction), which
 :func:`pyro.poutine.scale` would reject. In the multi-sample bounds it weights
 the latents' terms of ``log w``.
+
+Beyond a weight, ``reparam`` and ``analytic_kl`` take a ``kl_control`` that rewrites
+the KL term from the KL per latent variable: :class:`FreeBits` (a floor of
+:math:`\lambda` nats per dimension, Kingma et al. 2016) or :class:`Capacity`
+(:math:`\gamma\,|\mathrm{KL} - C(t)|`, Burgess et al. 2018); see
+:mod:`pyro_lvm.estimators.kl_control`.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from pyro.infer import ELBO
 from .base import BetaMixin, latent_sites
 from .enum import EnumELBO
 from .iwae import DReGELBO, IWAEELBO
+from .kl_control import Capacity, FreeBits, KLControl, kl_per_variable
 from .particles import LogWeights, ParticleELBO
 from .relaxed import RelaxedELBO
 from .score_function import NVILBaseline, ScoreFunctionELBO
@@ -74,6 +81,10 @@ __all__ = [
     "ESTIMATORS",
     "make_elbo",
     "latent_sites",
+    "KLControl",
+    "FreeBits",
+    "Capacity",
+    "kl_per_variable",
 ]
 
 ESTIMATORS: dict[str, type[ELBO]] = {

@@ -111,6 +111,20 @@ class BetaMixin:
         """Subclasses raise here; the traces are one unvectorized run of the pair."""
 
 
+def guide_order_matches_model(model_trace, guide_trace) -> bool:
+    """Whether the shared latent sites are drawn in the same order by model and guide.
+
+    This is Pyro's test of the mean-field condition of
+    :class:`~pyro.infer.TraceMeanField_ELBO`: where it fails (e.g. a hierarchical VAE
+    whose model draws ``z2`` before ``z1`` and whose guide draws ``z1`` before ``z2``),
+    ``KL(q(z1 | x) || p(z1 | z2))`` in closed form at a sampled ``z2`` ignores that ``z2``
+    depends on ``z1``, and the "ELBO" is biased.
+    """
+    guide_names = list(latent_sites(guide_trace))
+    model_names = [name for name in latent_sites(model_trace) if name in guide_names]
+    return model_names == [name for name in guide_names if name in model_names]
+
+
 def _needs_rsample(estimator: str, guide_trace, alternatives: str) -> None:
     for name, site in latent_sites(guide_trace).items():
         if not site["fn"].has_rsample:

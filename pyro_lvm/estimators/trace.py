@@ -6,12 +6,15 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.distributions.kl import kl_divergence
 
-from .base import BetaMixin, _guide_covers_model, latent_sites
+from typing import Optional, Sequence
+
+from .base import BetaMixin, _guide_covers_model, guide_order_matches_model, latent_sites
+from .kl_control import KLControl, KLControlMixin
 
 __all__ = ["ReparamELBO", "AnalyticKLELBO"]
 
 
-class ReparamELBO(BetaMixin, Trace_ELBO):
+class ReparamELBO(KLControlMixin, BetaMixin, Trace_ELBO):
     r"""Reparameterized Monte-Carlo ELBO (Pyro's :class:`~pyro.infer.Trace_ELBO`).
 
     With :math:`z = g_\phi(\epsilon, x)`, :math:`\epsilon \sim p(\epsilon)`, the gradient
@@ -27,6 +30,9 @@ class ReparamELBO(BetaMixin, Trace_ELBO):
         beta_sites: latent sites that ``beta`` applies to (default: all).
         vectorize_particles: draw the particles in one vectorized pass.
         max_plate_nesting: as in Pyro; guessed by a dry run if ``None``.
+        kl_control: a :class:`~pyro_lvm.estimators.FreeBits` or
+            :class:`~pyro_lvm.estimators.Capacity` in place of ``beta * KL``; the KL per
+            latent variable is then the Monte-Carlo ``log q(z_d) - log p(z_d)``.
 
     Example:
         >>> import pyro, pyro.distributions as dist, torch
@@ -40,8 +46,23 @@ class ReparamELBO(BetaMixin, Trace_ELBO):
         -1.2655
     """
 
+    def __init__(
+        self,
+        num_particles: int = 1,
+        beta: float = 1.0,
+        beta_sites: Optional[Sequence[str]] = None,
+        vectorize_particles: bool = False,
+        max_plate_nesting: Optional[int] = None,
+        kl_control: Optional[KLControl] = None,
+    ):
+        super().__init__(num_particles, beta, beta_sites, vectorize_particles, max_plate_nesting)
+        self._init_kl_control(kl_control)
 
-class AnalyticKLELBO(BetaMixin, TraceMeanField_ELBO):
+    def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
+        self._check_kl_control(model_trace, guide_trace, "reparam")
+
+
+class AnalyticKLELBO(KLControlMixin, BetaMixin, TraceMeanField_ELBO):
     r"""ELBO with the KL term in closed form (Pyro's :class:`~pyro.infer.TraceMeanField_ELBO`).
 
     .. math::
@@ -50,13 +71,16 @@ class AnalyticKLELBO(BetaMixin, TraceMeanField_ELBO):
 
     where the KL uses :func:`torch.distributions.kl_divergence`. It assumes the
     mean-field condition: every latent site's prior depends only on sites
-    upstream in both model and guide; otherwise the result is biased. It removes
+    upstream in both model and guide; otherwise the result is biased, so
+    :meth:`check` refuses a guide that draws the latents in another order than the
+    model (where Pyro only warns). It removes
     the KL's Monte-Carlo noise, so it usually has lower variance than
     :class:`ReparamELBO`. Pyro would fall back to a Monte-Carlo KL where no
     closed form is registered; here :meth:`check` refuses such a pair instead,
     naming the site, so that "analytic" always means analytic.
 
-    Arguments: as :class:`ReparamELBO`.
+    Arguments: as :class:`ReparamELBO`; with ``kl_control`` the KL per latent variable
+    is in closed form.
 
     Example:
         >>> import pyro, pyro.distributions as dist, torch
@@ -69,8 +93,31 @@ class AnalyticKLELBO(BetaMixin, TraceMeanField_ELBO):
         1.0
     """
 
+    _analytic_kl = True
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        beta: float = 1.0,
+        beta_sites: Optional[Sequence[str]] = None,
+        vectorize_particles: bool = False,
+        max_plate_nesting: Optional[int] = None,
+        kl_control: Optional[KLControl] = None,
+    ):
+        super().__init__(num_particles, beta, beta_sites, vectorize_particles, max_plate_nesting)
+        self._init_kl_control(kl_control)
+
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
         _guide_covers_model("analytic_kl", model_trace, guide_trace)
+        self._check_kl_control(model_trace, guide_trace, "analytic_kl")
+        if not guide_order_matches_model(model_trace, guide_trace):
+            raise ValueError(
+                "'analytic_kl' needs the mean-field condition: the guide must draw the latents "
+                f"in the model's order, but the model draws {list(latent_sites(model_trace))} and "
+                f"the guide {list(latent_sites(guide_trace))}. A closed-form KL of a site whose "
+                "prior depends on a latent the guide draws later is biased (e.g. the two-layer "
+                "HierarchicalVAE). Use 'reparam' (or 'iwae'/'dreg')."
+            )
         model_sites = latent_sites(model_trace)
         for name, site in latent_sites(guide_trace).items():
             q, p = site["fn"], model_sites[name]["fn"]

@@ -1,6 +1,9 @@
 """Model/guide pairs as PyroModules."""
 
+from .base import LatentVariableModel
+from .conv_vae import ConvVAE
 from .discrete_vae import DiscreteVAE
+from .hierarchical_vae import HierarchicalVAE
 from .vae import VAE
 
-__all__ = ["VAE", "DiscreteVAE"]
+__all__ = ["LatentVariableModel", "VAE", "DiscreteVAE", "ConvVAE", "HierarchicalVAE"]

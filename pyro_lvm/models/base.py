@@ -69,15 +69,14 @@ class LatentVariableModel(PyroModule):
         return pyro.plate("data", num_data, subsample=torch.arange(batch, device=x.device))
 
     def _check(self, x: torch.Tensor, support: bool = True, shape: Optional[torch.Size] = None,
-               name: str = "x") -> None:
+               name: str = "x", arg: str = "data_shape") -> None:
         if not is_validation_enabled():
             return
         shape = self.event_shape if shape is None else shape
         if x.dim() != len(shape) + 1 or x.shape[1:] != shape:
             raise ValueError(
                 f"{type(self).__name__} expects {'a batch' if name == 'x' else 'a batch of ' + name} of shape (batch, {', '.join(map(str, shape))}); "
-                f"got {tuple(x.shape)}. Set the model's shape arguments to the data's shape, "
-                "or reshape the data."
+                f"got {tuple(x.shape)}. Set {arg} to the data's shape, or reshape the data."
             )
         if support:
             self.likelihood.check(x)
