@@ -37,6 +37,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from .checkpoints import load_checkpoint
 from .plots import (
     plot_completions,
+    plot_latent_usage,
     plot_interpolation,
     plot_latent_space,
     plot_loss_curves,
@@ -68,7 +69,10 @@ class RunReport(pl.Callback):
       validation set, coloured by ``batch["y"]`` if the data have labels), when
       the latent has two coordinates;
     * ``completions.png`` instead of all these, for a conditional model (one
-      with ``predict``) whose batches carry the full images as ``batch["y"]``.
+      with ``predict``) whose batches carry the full images as ``batch["y"]``;
+    * ``latent_usage.png``: KL per latent dimension and active units per epoch
+      (and the KL per location of a spatial latent map), from the module's
+      :class:`~pyro_lvm.monitoring.LatentMonitor`; ``latent_stats.csv`` holds the numbers.
 
     A picture the model cannot draw (a ``ValueError`` or ``NotImplementedError``,
     e.g. traversals of a discrete latent) is skipped; the printed summary names
@@ -94,6 +98,12 @@ class RunReport(pl.Callback):
         lvm = getattr(pl_module, "lvm", None)
         if lvm is not None:
             written += self._pictures(trainer, lvm, run_dir)
+        monitor = getattr(pl_module, "latent_monitor", None)
+        if monitor is not None and monitor.history:
+            try:
+                written.append(plot_latent_usage(monitor.history, run_dir / "latent_usage.png"))
+            except ValueError as err:
+                self.skipped["latent_usage.png"] = f"ValueError: {err}"
         ckpt = trainer.checkpoint_callback
         lines = [f"Run folder: {run_dir.resolve()}"]
         if ckpt is not None and ckpt.best_model_path:

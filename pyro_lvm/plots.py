@@ -27,6 +27,7 @@ __all__ = [
     "plot_manifold",
     "plot_latent_space",
     "plot_completions",
+    "plot_latent_usage",
 ]
 
 _PathLike = Union[str, Path]
@@ -148,6 +149,65 @@ def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> P
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per data point")
     ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def plot_latent_usage(history: Sequence[dict], path: _PathLike, site: Optional[str] = None) -> Path:
+    """How the code is used over training, from :attr:`pyro_lvm.monitoring.LatentMonitor.history`.
+
+    Left: the KL of each latent dimension per epoch (a heat map, nats per data point),
+    the picture of posterior collapse (rows fading to zero). Middle: the number of
+    active units and the total KL per epoch. Right, for a spatial latent map
+    ``(C, H, W)``: the last epoch's KL per location (summed over channels).
+
+    Example:
+        >>> import tempfile, os
+        >>> history = [{"epoch": e, "kl": 2.0 - e, "active_units": 2 - e, "sites": {"z": {
+        ...     "kl": torch.tensor([1.0 - e, 1.0]), "activity": torch.ones(2)}}} for e in range(2)]
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     os.path.isfile(plot_latent_usage(history, os.path.join(d, "usage.png")))
+        True
+    """
+    if not history:
+        raise ValueError("No epochs in the history: train with a validation set and a LatentMonitor.")
+    sites = history[-1]["sites"]
+    if not sites:
+        raise ValueError("The history has no local latent sites to show.")
+    site = site or next(iter(sites))
+    if site not in sites:
+        raise ValueError(f"No site {site!r} in the history; sites: {sorted(sites)}.")
+    epochs = [h["epoch"] for h in history]
+    kl = torch.stack([h["sites"][site]["kl"].flatten() for h in history], dim=1)  # (D, epochs)
+    shape = tuple(sites[site]["kl"].shape)
+    spatial = len(shape) == 3
+    fig = Figure(figsize=(4.5 * (3 if spatial else 2), 3.5))
+    axes = fig.subplots(1, 3 if spatial else 2, squeeze=False)[0]
+    image = axes[0].imshow(
+        kl.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+        extent=(epochs[0] - 0.5, epochs[-1] + 0.5, kl.shape[0] - 0.5, -0.5),
+    )
+    fig.colorbar(image, ax=axes[0], label="KL (nats)")
+    axes[0].set_xlabel("epoch")
+    axes[0].set_ylabel(f"dimension of {site}")
+    axes[0].set_title("KL per dimension", fontsize=9)
+    axes[1].plot(epochs, [h["active_units"] for h in history], marker="o", markersize=3, color="C0")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("active units", color="C0")
+    axes[1].set_ylim(bottom=0)
+    twin = axes[1].twinx()
+    twin.plot(epochs, [h["kl"] for h in history], marker="s", markersize=3, color="C1")
+    twin.set_ylabel("KL per data point (nats)", color="C1")
+    axes[1].set_title("active units and KL", fontsize=9)
+    if spatial:
+        per_location = sites[site]["kl"].sum(0)
+        image = axes[2].imshow(per_location.numpy(), cmap="viridis", interpolation="nearest")
+        fig.colorbar(image, ax=axes[2], label="KL (nats)")
+        axes[2].set_title(f"KL per location, epoch {epochs[-1]}", fontsize=9)
+        axes[2].set_xticks([])
+        axes[2].set_yticks([])
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=100)

@@ -25,8 +25,13 @@ def test_fit_with_defaults_writes_the_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     main(["fit", "--trainer.max_epochs=2", *QUIET])
     run = tmp_path / "runs" / "vae_digits" / "version_0"
-    for name in ("metrics.csv", "config.yaml", "loss_curves.png", "reconstructions.png", "samples.png"):
+    for name in ("metrics.csv", "config.yaml", "loss_curves.png", "reconstructions.png", "samples.png",
+                 "latent_stats.csv", "latent_usage.png"):
         assert (run / name).is_file(), name
+    header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"val/active_units", "val/beta", "val/kl_dim/z/0", "val/kl_dim/z/1"} <= set(header)
+    stats = (run / "latent_stats.csv").read_text().splitlines()
+    assert stats[0] == "epoch,step,beta,site,index,position,kl,activity" and len(stats) == 1 + 2 * 2
     assert (run / "checkpoints" / "last.ckpt").is_file()
     out = capsys.readouterr().out
     assert f"Run folder: {run.resolve()}" in out and "validation ELBO" in out
