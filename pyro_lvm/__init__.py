@@ -9,6 +9,7 @@ from . import data, diagnostics, estimators, guides, likelihoods, monitoring, ne
 from .estimators import make_elbo
 from .guides import AmortizedGuide, PerDatapointGuide, SemiAmortizedGuide, with_global_autoguide
 from .models.conv_vae import ConvVAE
+from .models.cvae import ConditionalVAE, DeterministicBaseline
 from .models.discrete_vae import DiscreteVAE
 from .models.hierarchical_vae import HierarchicalVAE
 from .models.vae import VAE
@@ -20,6 +21,8 @@ __all__ = [
     "VAE",
     "DiscreteVAE",
     "ConvVAE",
+    "ConditionalVAE",
+    "DeterministicBaseline",
     "HierarchicalVAE",
     "LVMModule",
     "fit",

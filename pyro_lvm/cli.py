@@ -99,7 +99,7 @@ class RunReport(pl.Callback):
         if lvm is not None:
             written += self._pictures(trainer, lvm, run_dir)
         monitor = getattr(pl_module, "latent_monitor", None)
-        if monitor is not None and monitor.history:
+        if monitor is not None and monitor.history and monitor.history[-1]["sites"]:
             try:
                 written.append(plot_latent_usage(monitor.history, run_dir / "latent_usage.png"))
             except ValueError as err:
