@@ -565,7 +565,9 @@ def plot_completions(
     (e.g. a conditional VAE, whose ``predict`` decodes :math:`E[y \mid x, z]`
     for draws :math:`z \sim p(z \mid x)`), the columns are ``num`` examples and
     the rows are the input ``x`` (hidden pixels, value -1, shown grey), one row
-    per prediction, and the full image ``y``.
+    per prediction, and the full image ``y``. A prediction shows the visible pixels
+    of the input and the model's output on the hidden ones only (the likelihood
+    never scores the visible ones, so the model's output there is meaningless).
 
     Arguments:
         model: a model with ``predict(x, num_samples=..., mean=True)`` returning ``(num_samples, B, *shape)``.
@@ -596,6 +598,7 @@ def plot_completions(
     x, y = x[:num], y[:num]
     with _inference(model):
         predictions = model.predict(x.to(_device(model, x)), num_samples=num_samples, mean=True)
+    predictions = torch.where(x < 0, predictions.to(x.device), x)
     shown = as_images(torch.where(x < 0, 0.5, x), image_shape)
     predicted = as_images(predictions.flatten(0, 1), image_shape).reshape(num_samples, *shown.shape)
     tiles = torch.stack([shown, *predicted, as_images(y, image_shape)])
