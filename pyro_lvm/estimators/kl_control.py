@@ -15,7 +15,7 @@ them as ``kl_control``, and so does :class:`pyro_lvm.LVMModule`. In YAML::
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import torch
 from pyro.distributions import Independent
@@ -215,6 +215,18 @@ class KLControlMixin:
 
     kl_control: Optional[KLControl] = None
     _analytic_kl = False
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        beta: float = 1.0,
+        beta_sites: Optional[Sequence[str]] = None,
+        vectorize_particles: bool = False,
+        max_plate_nesting: Optional[int] = None,
+        kl_control: Optional[KLControl] = None,
+    ):
+        super().__init__(num_particles, beta, beta_sites, vectorize_particles, max_plate_nesting)
+        self._init_kl_control(kl_control)
 
     def _init_kl_control(self, kl_control: Optional[KLControl]) -> None:
         if kl_control is not None and not isinstance(kl_control, KLControl):

@@ -6,10 +6,8 @@ import torch
 from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.distributions.kl import kl_divergence
 
-from typing import Optional, Sequence
-
 from .base import BetaMixin, _guide_covers_model, guide_order_matches_model, latent_sites
-from .kl_control import KLControl, KLControlMixin
+from .kl_control import KLControlMixin
 
 __all__ = ["ReparamELBO", "AnalyticKLELBO"]
 
@@ -45,18 +43,6 @@ class ReparamELBO(KLControlMixin, BetaMixin, Trace_ELBO):
         >>> round(-ReparamELBO().loss(model, guide, torch.tensor(0.)), 4)  # = log N(0 | 0, 2)
         -1.2655
     """
-
-    def __init__(
-        self,
-        num_particles: int = 1,
-        beta: float = 1.0,
-        beta_sites: Optional[Sequence[str]] = None,
-        vectorize_particles: bool = False,
-        max_plate_nesting: Optional[int] = None,
-        kl_control: Optional[KLControl] = None,
-    ):
-        super().__init__(num_particles, beta, beta_sites, vectorize_particles, max_plate_nesting)
-        self._init_kl_control(kl_control)
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
         self._check_kl_control(model_trace, guide_trace, "reparam")
@@ -94,18 +80,6 @@ class AnalyticKLELBO(KLControlMixin, BetaMixin, TraceMeanField_ELBO):
     """
 
     _analytic_kl = True
-
-    def __init__(
-        self,
-        num_particles: int = 1,
-        beta: float = 1.0,
-        beta_sites: Optional[Sequence[str]] = None,
-        vectorize_particles: bool = False,
-        max_plate_nesting: Optional[int] = None,
-        kl_control: Optional[KLControl] = None,
-    ):
-        super().__init__(num_particles, beta, beta_sites, vectorize_particles, max_plate_nesting)
-        self._init_kl_control(kl_control)
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
         _guide_covers_model("analytic_kl", model_trace, guide_trace)

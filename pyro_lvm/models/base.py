@@ -27,6 +27,9 @@ class LatentVariableModel(PyroModule):
 
     * the data plate convention: latents and observations live in ``pyro.plate("data")``,
       which scales a mini-batch up to ``num_data`` points when that is given;
+    * :meth:`model` (``z ~ p(z)``, ``x ~ p(x | z)`` observed) and :meth:`guide`
+      (``z ~ q(z | x)``, :meth:`posterior`), with the networks ``encoder``,
+      ``decoder`` and ``likelihood`` registered by ``pyro.module``;
     * input checks (shape, NaNs, the likelihood's support) while Pyro's validation is on;
     * :meth:`prior` (:math:`\mathcal N(0, I)` over ``latent_shape``), :meth:`decode`,
       :meth:`reconstruct`, :meth:`sample` and :meth:`example_batch`.
@@ -44,6 +47,28 @@ class LatentVariableModel(PyroModule):
     def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's (flat) input for ``z`` of shape ``(..., *latent_shape)``."""
         raise NotImplementedError
+
+    # ----- the Pyro model/guide pair -------------------------------------------------
+    def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+        """p(x, z): ``z ~ p(z)`` (:meth:`prior`), ``x ~ p(x | z)``; observes ``x``."""
+        self._check(x)
+        pyro.module("decoder", self.decoder)
+        pyro.module("likelihood", self.likelihood)
+        with self._plate(x, num_data):
+            z = pyro.sample("z", self.prior())
+            return pyro.sample("x", self.likelihood(self._decoder_output(z)), obs=x)
+
+    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+        """q(z | x) (:meth:`posterior`): the amortized encoder."""
+        self._check(x, support=False)
+        pyro.module("encoder", self.encoder)
+        with self._plate(x, num_data):
+            return pyro.sample("z", self.posterior(x))
+
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """q(z | x) = N(mu(x), diag sigma(x)^2) over ``latent_shape`` (from :meth:`encode`)."""
+        loc, scale = self.encode(x)
+        return dist.Normal(loc, scale).to_event(len(self.latent_shape))
 
     # ----- shared ------------------------------------------------------------------
     @property

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Sequence, Union
 
-import pyro
-import pyro.distributions as dist
 import torch
 from torch import nn
 from torch.nn.functional import softplus
@@ -179,24 +177,6 @@ class ConvVAE(LatentVariableModel):
                 f"{-(-width // factor) * factor})."
             )
         return shape
-
-    # ----- the Pyro model/guide pair -------------------------------------------------
-    def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
-        """p(x, z): ``z ~ N(0, I)`` over ``latent_shape``, ``x ~ p(x | z)``; observes ``x``."""
-        self._check(x)
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
-        with self._plate(x, num_data):
-            z = pyro.sample("z", self.prior())
-            return pyro.sample("x", self.likelihood(self._decoder_output(z)), obs=x)
-
-    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
-        """q(z | x) = N(mu(x), diag sigma(x)^2) over ``latent_shape``: the convolutional encoder."""
-        self._check(x, support=False)
-        pyro.module("encoder", self.encoder)
-        with self._plate(x, num_data):
-            loc, scale = self.encode(x)
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(len(self.latent_shape)))
 
     # ----- conveniences --------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

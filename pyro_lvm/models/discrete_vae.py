@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Sequence, Union
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch.nn.functional import one_hot
@@ -162,21 +161,9 @@ class DiscreteVAE(LatentVariableModel):
         zeros = self.encoder[0].weight.new_zeros(batch_shape + self.logits_shape)
         return self.latent_dist(zeros)
 
-    def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
-        """p(x, z): ``z ~ p(z)`` uniform, ``x ~ p(x | z)``; observes ``x``."""
-        self._check(x)
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
-        with self._plate(x, num_data):
-            z = pyro.sample("z", self.prior())
-            return pyro.sample("x", self.likelihood(self._decoder_output(z)), obs=x)
-
-    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
+    def posterior(self, x: torch.Tensor) -> dist.TorchDistribution:
         """q(z | x): independent categoricals (or Bernoullis) with logits from the encoder."""
-        self._check(x, support=False)
-        pyro.module("encoder", self.encoder)
-        with self._plate(x, num_data):
-            return pyro.sample("z", self.latent_dist(self.encode(x)))
+        return self.latent_dist(self.encode(x))
 
     def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         # flatten only the per-data-point dims of z: leading dims may be particles or

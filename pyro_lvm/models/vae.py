@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence, Union
+from typing import Literal, Sequence, Union
 
-import pyro
-import pyro.distributions as dist
 import torch
 from torch.nn.functional import softplus
 
@@ -89,24 +87,6 @@ class VAE(LatentVariableModel):
         data_dim = self.likelihood.data_dim
         self.encoder = MLP(data_dim, hidden_dims, 2 * latent_dim, activation)
         self.decoder = MLP(latent_dim, list(reversed(hidden_dims)), data_dim, activation)
-
-    # ----- the Pyro model/guide pair -------------------------------------------------
-    def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
-        """p(x, z): ``z ~ N(0, I)``, ``x ~ p(x | z)``; observes ``x``."""
-        self._check(x)
-        pyro.module("decoder", self.decoder)
-        pyro.module("likelihood", self.likelihood)
-        with self._plate(x, num_data):
-            z = pyro.sample("z", self.prior())
-            return pyro.sample("x", self.likelihood(self.decoder(z)), obs=x)
-
-    def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
-        """q(z | x) = N(mu(x), diag sigma(x)^2): the amortized encoder."""
-        self._check(x, support=False)
-        pyro.module("encoder", self.encoder)
-        with self._plate(x, num_data):
-            loc, scale = self.encode(x)
-            return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
     # ----- conveniences --------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
