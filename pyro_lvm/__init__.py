@@ -5,7 +5,7 @@ gradient (:func:`make_elbo`), a KL weight or schedule (:mod:`pyro_lvm.schedules`
 and train with :func:`fit` or ``pyro-lvm fit``.
 """
 
-from . import data, diagnostics, estimators, guides, likelihoods, monitoring, nets, plots, schedules
+from . import data, diagnostics, estimators, flows, guides, likelihoods, monitoring, nets, plots, schedules
 from .estimators import make_elbo
 from .guides import AmortizedGuide, PerDatapointGuide, SemiAmortizedGuide, with_global_autoguide
 from .models.conv_vae import ConvVAE
@@ -35,6 +35,7 @@ __all__ = [
     "data",
     "diagnostics",
     "estimators",
+    "flows",
     "guides",
     "likelihoods",
     "monitoring",

@@ -1,0 +1,32 @@
+"""Normalizing flows as Pyro ``TransformModule`` s: coupling layers, ActNorm, 1x1 convolutions, squeezing.
+
+Every layer is a :class:`pyro.distributions.torch_transform.TransformModule`, so the
+same layer serves in a :class:`pyro.distributions.TransformedDistribution` as a density
+model, a prior :math:`p(z)` or a posterior :math:`q(z \\mid x)`. By the change of variables,
+for :math:`x = f(u)`, :math:`u \\sim p_U`,
+
+.. math::
+
+    \\log p_X(x) = \\log p_U(f^{-1}(x)) - \\log\\,\\big|\\det J_f(f^{-1}(x))\\big|,
+
+exact, with no lower bound. (Work in progress, issue 5: the stacks ``nice()`` /
+``realnvp()``, the multi-scale architecture and ``FlowModel`` are to come.)
+"""
+
+from .coupling import AdditiveCoupling, AffineCoupling, ConditionalAffineCoupling, coupling_mask
+from .layers import ActNorm, DiagonalScaling, InvertibleConv1x1, Squeeze
+from .preprocessing import Logit, bits_per_dim, dequantize
+
+__all__ = [
+    "coupling_mask",
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "ConditionalAffineCoupling",
+    "ActNorm",
+    "DiagonalScaling",
+    "InvertibleConv1x1",
+    "Squeeze",
+    "Logit",
+    "bits_per_dim",
+    "dequantize",
+]

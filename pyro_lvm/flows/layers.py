@@ -1,0 +1,371 @@
+"""Elementwise and channel-mixing flow layers: ActNorm, invertible 1x1 convolution, squeeze, diagonal scaling."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from pyro.distributions.torch_transform import TransformModule
+from torch.distributions import Transform, constraints
+
+__all__ = ["ActNorm", "DiagonalScaling", "InvertibleConv1x1", "Squeeze"]
+
+
+def _check_dim(dim: int) -> int:
+    if not isinstance(dim, int) or dim >= 0:
+        raise ValueError(
+            f"'dim' must be a negative int (the feature dim counted from the end), got {dim!r}; "
+            "use dim=-1 for flat vectors (..., D) and dim=-3 for images (..., C, H, W)."
+        )
+    return dim
+
+
+def _check_features(x: torch.Tensor, dim: int, num_features: int, name: str) -> None:
+    if x.dim() < -dim or x.size(dim) != num_features:
+        raise ValueError(
+            f"{name} expects inputs with {num_features} features at dim {dim} "
+            f"(at least {-dim} dims), got a tensor of shape {tuple(x.shape)}; "
+            "check num_features and dim."
+        )
+
+
+class ActNorm(TransformModule):
+    r"""Activation normalization: a per-feature affine map with data-dependent initialization.
+
+    With :math:`c` indexing the feature dim (``dim=-1`` for vectors, ``dim=-3`` for the channels of
+    images, shared over all spatial positions :math:`(h, w)`):
+
+    .. math::
+
+        y_{c,h,w} = x_{c,h,w}\, e^{\log s_c} + b_c, \qquad
+        x_{c,h,w} = (y_{c,h,w} - b_c)\, e^{-\log s_c}, \qquad
+        \log\left|\det J\right| = H W \sum_c \log s_c .
+
+    On the first forward call in training mode (or an explicit call to :meth:`initialize`) the
+    parameters are set from the batch so that the forward output has zero mean and unit variance per
+    feature: :math:`\log s_c = -\log \sigma_c`, :math:`b_c = -\mu_c / \sigma_c`, with the statistics taken
+    over the batch and spatial dims. The buffer ``initialized`` records this and is saved in the
+    ``state_dict``, so a loaded module is never re-initialized. Note that
+    :meth:`~pyro.distributions.TransformedDistribution.log_prob` only runs the inverse map; for density
+    estimation call :meth:`initialize` explicitly on (the base-side image of) a data batch.
+
+    References:
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018,
+        https://arxiv.org/abs/1807.03039
+
+    Arguments:
+        num_features: size of the feature dim ``dim``.
+        dim: negative feature dim; the event dim is ``-dim`` (``-1``: vectors, ``-3``: images).
+        eps: floor added to the standard deviation in the data-dependent initialization.
+        cache_size: cache size of the transform (0 or 1).
+
+    Example:
+        >>> t = ActNorm(3, dim=-3)
+        >>> x = torch.randn(8, 3, 4, 4) * 2 + 1
+        >>> y = t(x)  # initializes from x
+        >>> bool(t.initialized), torch.allclose(y.mean((0, 2, 3)), torch.zeros(3), atol=1e-5)
+        (True, True)
+        >>> torch.allclose(t.inv(y), x, atol=1e-5)
+        True
+    """
+
+    bijective = True
+    sign = +1
+
+    def __init__(self, num_features: int, dim: int = -1, eps: float = 1e-6, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        self.dim = _check_dim(dim)
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.log_scale = torch.nn.Parameter(torch.zeros(self.num_features))
+        self.bias = torch.nn.Parameter(torch.zeros(self.num_features))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, -self.dim)
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, -self.dim)
+
+    def _shape(self, p: torch.Tensor) -> torch.Tensor:
+        return p.reshape((self.num_features,) + (1,) * (-self.dim - 1))
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> None:
+        """Set the parameters so that ``self(x)`` has zero mean and unit variance per feature."""
+        _check_features(x, self.dim, self.num_features, "ActNorm")
+        flat = x.detach().movedim(self.dim, -1).reshape(-1, self.num_features)
+        if flat.size(0) < 2:
+            raise ValueError(
+                f"ActNorm data-dependent initialization needs at least 2 values per feature, got input "
+                f"of shape {tuple(x.shape)}; initialize with a larger batch."
+            )
+        mean = flat.mean(0)
+        std = flat.std(0, unbiased=False) + self.eps
+        self.log_scale.data.copy_(-std.log())
+        self.bias.data.copy_(-mean / std)
+        self.initialized.fill_(True)
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        _check_features(x, self.dim, self.num_features, "ActNorm")
+        if self.training and not bool(self.initialized):
+            self.initialize(x)
+        return x * self._shape(self.log_scale).exp() + self._shape(self.bias)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        _check_features(y, self.dim, self.num_features, "ActNorm")
+        return (y - self._shape(self.bias)) * self._shape(-self.log_scale).exp()
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        spatial = math.prod(x.shape[self.dim + 1 :]) if self.dim < -1 else 1
+        value = self.log_scale.sum() * spatial
+        return value.expand(x.shape[: x.dim() + self.dim])
+
+
+class InvertibleConv1x1(TransformModule):
+    r"""Invertible 1x1 convolution: a learnable invertible linear map of the feature dim, in LU form.
+
+    For images the same :math:`C \times C` matrix :math:`W` mixes the channels at every pixel; for
+    vectors (``dim=-1``) it is a full invertible linear map of :math:`\mathbb{R}^D`. With a fixed
+    permutation :math:`P`, a unit lower-triangular :math:`L`, a strictly upper-triangular :math:`U`,
+    fixed signs :math:`\sigma` and learnable :math:`\log s`:
+
+    .. math::
+
+        W = P L \left(U + \operatorname{diag}(\sigma \odot e^{\log s})\right), \qquad
+        y_{:,h,w} = W x_{:,h,w}, \qquad x_{:,h,w} = W^{-1} y_{:,h,w}, \qquad
+        \log\left|\det J\right| = H W \sum_c \log s_c .
+
+    :math:`W` is initialized to a random rotation (orthogonal, determinant +1).
+
+    References:
+        Kingma & Dhariwal, "Glow: Generative Flow with Invertible 1x1 Convolutions", NeurIPS 2018,
+        https://arxiv.org/abs/1807.03039
+
+    Arguments:
+        num_features: size of the feature dim ``dim`` (channels :math:`C` or vector size :math:`D`).
+        dim: negative feature dim; the event dim is ``-dim`` (``-1``: vectors, ``-3``: images).
+        cache_size: cache size of the transform (0 or 1).
+
+    Example:
+        >>> t = InvertibleConv1x1(3, dim=-3)
+        >>> x = torch.randn(2, 3, 5, 4)
+        >>> torch.allclose(t.inv(t(x)), x, atol=1e-5)
+        True
+    """
+
+    bijective = True
+    sign = +1
+
+    def __init__(self, num_features: int, dim: int = -1, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        self.dim = _check_dim(dim)
+        self.num_features = n = int(num_features)
+        q, _ = torch.linalg.qr(torch.randn(n, n, dtype=torch.float64))
+        if torch.linalg.det(q) < 0:
+            q[:, 0] = -q[:, 0]
+        p, lower, upper = torch.linalg.lu(q)
+        diag = torch.diagonal(upper)
+        self.register_buffer("permutation", p.float())
+        self.register_buffer("sign_s", torch.sign(diag).float())
+        self.register_buffer("lower_mask", torch.tril(torch.ones(n, n), -1))
+        self.register_buffer("identity", torch.eye(n))
+        self.lower = torch.nn.Parameter(torch.tril(lower, -1).float())
+        self.upper = torch.nn.Parameter(torch.triu(upper, 1).float())
+        self.log_s = torch.nn.Parameter(diag.abs().log().float())
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, -self.dim)
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, -self.dim)
+
+    def _factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        lower = self.lower * self.lower_mask + self.identity
+        upper = self.upper * self.lower_mask.T + torch.diag(self.sign_s * self.log_s.exp())
+        return lower, upper
+
+    def weight(self) -> torch.Tensor:
+        """The current matrix :math:`W = P L (U + \\operatorname{diag}(\\sigma e^{\\log s}))`."""
+        lower, upper = self._factors()
+        return self.permutation @ lower @ upper
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        _check_features(x, self.dim, self.num_features, "InvertibleConv1x1")
+        h = x.movedim(self.dim, -1)
+        return (h @ self.weight().T).movedim(-1, self.dim)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        _check_features(y, self.dim, self.num_features, "InvertibleConv1x1")
+        h = y.movedim(self.dim, -1)
+        shape = h.shape
+        cols = h.reshape(-1, self.num_features).T  # (C, N): solve W x = y column-wise
+        lower, upper = self._factors()
+        cols = self.permutation.T @ cols
+        cols = torch.linalg.solve_triangular(lower, cols, upper=False, unitriangular=True)
+        cols = torch.linalg.solve_triangular(upper, cols, upper=True)
+        return cols.T.reshape(shape).movedim(-1, self.dim)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        spatial = math.prod(x.shape[self.dim + 1 :]) if self.dim < -1 else 1
+        value = self.log_s.sum() * spatial
+        return value.expand(x.shape[: x.dim() + self.dim])
+
+
+class Squeeze(Transform):
+    r"""Space-to-depth squeeze of images: :math:`(C, H, W) \to (4C, H/2, W/2)`.
+
+    Each :math:`2 \times 2` spatial block becomes 4 channels; output channel :math:`4c + 2i + j` at
+    :math:`(h, w)` holds input channel :math:`c` at :math:`(2h + i, 2w + j)`:
+
+    .. math::
+
+        y_{4c + 2i + j,\, h,\, w} = x_{c,\, 2h + i,\, 2w + j}, \qquad
+        \log\left|\det J\right| = 0
+
+    (a permutation of the coordinates; the inverse is depth-to-space). Event dim 3 in and out.
+
+    References:
+        Dinh, Sohl-Dickstein & Bengio, "Density estimation using Real NVP", ICLR 2017,
+        https://arxiv.org/abs/1605.08803
+
+    Arguments:
+        cache_size: cache size of the transform (0 or 1).
+
+    Example:
+        >>> t = Squeeze()
+        >>> x = torch.randn(5, 2, 4, 6)
+        >>> t(x).shape
+        torch.Size([5, 8, 2, 3])
+        >>> torch.equal(t.inv(t(x)), x)
+        True
+    """
+
+    bijective = True
+    sign = +1
+    domain = constraints.independent(constraints.real, 3)
+    codomain = constraints.independent(constraints.real, 3)
+
+    def __init__(self, cache_size: int = 0) -> None:
+        super().__init__(cache_size=cache_size)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Squeeze)
+
+    def __hash__(self) -> int:
+        return hash(Squeeze)
+
+    @staticmethod
+    def _check_forward_shape(shape: torch.Size | tuple[int, ...]) -> None:
+        if len(shape) < 3 or shape[-1] % 2 or shape[-2] % 2:
+            raise ValueError(
+                f"Squeeze needs inputs (..., C, H, W) with even H and W, got shape {tuple(shape)}; "
+                "pad or crop the image to even height and width."
+            )
+
+    @staticmethod
+    def _check_inverse_shape(shape: torch.Size | tuple[int, ...]) -> None:
+        if len(shape) < 3 or shape[-3] % 4:
+            raise ValueError(
+                f"Squeeze.inv needs inputs (..., 4C, H, W) with channels divisible by 4, got shape "
+                f"{tuple(shape)}."
+            )
+
+    def forward_shape(self, shape: torch.Size) -> torch.Size:
+        self._check_forward_shape(shape)
+        c, h, w = shape[-3:]
+        return torch.Size(tuple(shape[:-3]) + (4 * c, h // 2, w // 2))
+
+    def inverse_shape(self, shape: torch.Size) -> torch.Size:
+        self._check_inverse_shape(shape)
+        c, h, w = shape[-3:]
+        return torch.Size(tuple(shape[:-3]) + (c // 4, 2 * h, 2 * w))
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_forward_shape(x.shape)
+        *batch, c, h, w = x.shape
+        x = x.reshape(*batch, c, h // 2, 2, w // 2, 2)
+        n = len(batch)
+        x = x.permute(*range(n), n, n + 2, n + 4, n + 1, n + 3)
+        return x.reshape(*batch, 4 * c, h // 2, w // 2)
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self._check_inverse_shape(y.shape)
+        *batch, c, h, w = y.shape
+        y = y.reshape(*batch, c // 4, 2, 2, h, w)
+        n = len(batch)
+        y = y.permute(*range(n), n, n + 3, n + 1, n + 4, n + 2)
+        return y.reshape(*batch, c // 4, 2 * h, 2 * w)
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(x.shape[:-3])
+
+
+class DiagonalScaling(TransformModule):
+    r"""Learnable diagonal scaling, the final layer of NICE.
+
+    With one learnable log-scale :math:`s_i` per coordinate of the event:
+
+    .. math::
+
+        y = x \odot e^{s}, \qquad x = y \odot e^{-s}, \qquad \log\left|\det J\right| = \sum_i s_i .
+
+    References:
+        Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2014,
+        https://arxiv.org/abs/1410.8516
+
+    Arguments:
+        event_shape: shape of the event (``D`` or ``(D,)`` for vectors, ``(C, H, W)`` for images).
+        cache_size: cache size of the transform (0 or 1).
+
+    Example:
+        >>> t = DiagonalScaling(4)
+        >>> x = torch.randn(3, 4)
+        >>> torch.allclose(t.inv(t(x)), x, atol=1e-5)
+        True
+    """
+
+    bijective = True
+    sign = +1
+
+    def __init__(self, event_shape: int | tuple[int, ...] | torch.Size, cache_size: int = 1) -> None:
+        super().__init__(cache_size=cache_size)
+        if isinstance(event_shape, int):
+            event_shape = (event_shape,)
+        self.event_shape = torch.Size(event_shape)
+        if len(self.event_shape) == 0 or any(s <= 0 for s in self.event_shape):
+            raise ValueError(
+                f"DiagonalScaling needs a non-empty event_shape of positive sizes, got {tuple(self.event_shape)}."
+            )
+        self.log_scale = torch.nn.Parameter(torch.zeros(self.event_shape))
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self) -> constraints.Constraint:
+        return constraints.independent(constraints.real, len(self.event_shape))
+
+    def _check(self, x: torch.Tensor) -> None:
+        k = len(self.event_shape)
+        if x.dim() < k or x.shape[-k:] != self.event_shape:
+            raise ValueError(
+                f"DiagonalScaling expects inputs ending in event shape {tuple(self.event_shape)}, got "
+                f"shape {tuple(x.shape)}."
+            )
+
+    def _call(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        return x * self.log_scale.exp()
+
+    def _inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self._check(y)
+        return y * (-self.log_scale).exp()
+
+    def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.log_scale.sum().expand(x.shape[: x.dim() - len(self.event_shape)])

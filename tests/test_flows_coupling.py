@@ -1,0 +1,328 @@
+"""Mathematical checks of the coupling layers in :mod:`pyro_lvm.flows.coupling`."""
+
+from __future__ import annotations
+
+import math
+
+import pyro.distributions as dist
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from pyro_lvm.flows.coupling import (
+    AdditiveCoupling,
+    AffineCoupling,
+    ConditionalAffineCoupling,
+    coupling_mask,
+)
+
+CLASSES = [AdditiveCoupling, AffineCoupling]
+
+
+def make(cls, shape, mask=None, parity=0, seed=0, **kw):
+    """A float64 coupling with perturbed (non-identity) parameters."""
+    torch.manual_seed(seed)
+    hidden = (8,) if isinstance(shape, tuple) else (16, 16)
+    t = cls(shape, hidden=hidden, mask=mask, parity=parity, cache_size=0, **kw).double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return t
+
+
+def jacobian_logdet(f, x):
+    """log|det| of the Jacobian of ``f`` at a single example ``x`` (event flattened)."""
+    shape = x.shape
+    jac = torch.autograd.functional.jacobian(lambda v: f(v.reshape(shape)).reshape(-1), x.reshape(-1))
+    sign, logdet = torch.linalg.slogdet(jac)
+    return sign, logdet
+
+
+CASES = [
+    (5, "half"),
+    (6, "half"),
+    ((2, 4, 4), "checkerboard"),
+    ((2, 4, 4), "channel"),
+]
+
+
+def _check_transform(t, shape, batch=(3,)):
+    event = (shape,) if isinstance(shape, int) else shape
+    x = torch.randn(batch + event, dtype=torch.float64)
+    y = t(x)
+    assert y.shape == x.shape
+    assert not torch.allclose(y, x), "test transform should not be the identity"
+    assert torch.allclose(t.inv(y), x, atol=1e-5)
+    ld = t.log_abs_det_jacobian(x, y)
+    assert ld.shape == batch
+    for b in range(batch[0]):
+        sign, ref = jacobian_logdet(t, x[b])
+        assert sign > 0
+        assert torch.allclose(ld[b], ref, atol=1e-4)
+        # single-example call (no batch dims)
+        assert torch.allclose(t.log_abs_det_jacobian(x[b], t(x[b])), ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("shape,mask", CASES)
+@pytest.mark.parametrize("parity", [0, 1])
+def test_round_trip_and_logdet(cls, shape, mask, parity):
+    t = make(cls, shape, mask, parity)
+    _check_transform(t, shape)
+
+
+@pytest.mark.parametrize("shape,mask", CASES)
+def test_sigmoid_scale(shape, mask):
+    t = make(AffineCoupling, shape, mask, 1, scale="sigmoid")
+    _check_transform(t, shape)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_extra_batch_dims(cls):
+    t = make(cls, (2, 4, 4), "checkerboard")
+    x = torch.randn(2, 3, 2, 4, 4, dtype=torch.float64)
+    y = t(x)
+    assert torch.allclose(t.inv(y), x, atol=1e-5)
+    assert t.log_abs_det_jacobian(x, y).shape == (2, 3)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    d=st.integers(2, 9),
+    parity=st.integers(0, 1),
+    affine=st.booleans(),
+    seed=st.integers(0, 1000),
+)
+def test_hypothesis_vectors(d, parity, affine, seed):
+    t = make(AffineCoupling if affine else AdditiveCoupling, d, "half", parity, seed=seed)
+    _check_transform(t, d, batch=(2,))
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    c=st.integers(1, 3),
+    h=st.integers(1, 4),
+    w=st.integers(2, 4),
+    kind=st.sampled_from(["checkerboard", "channel"]),
+    parity=st.integers(0, 1),
+    affine=st.booleans(),
+)
+def test_hypothesis_images(c, h, w, kind, parity, affine):
+    if kind == "channel" and c < 2:
+        with pytest.raises(ValueError, match="C >= 2"):
+            coupling_mask(kind, (c, h, w), parity)
+        return
+    t = make(AffineCoupling if affine else AdditiveCoupling, (c, h, w), kind, parity)
+    _check_transform(t, (c, h, w), batch=(2,))
+
+
+@settings(max_examples=20, deadline=None)
+@given(d=st.integers(2, 9), parity=st.integers(0, 1))
+def test_half_mask(d, parity):
+    m0, m1 = coupling_mask("half", d, 0), coupling_mask("half", d, 1)
+    assert torch.equal(m1, ~m0)
+    assert int(m0.sum()) == d // 2 and int(m1.sum()) == d - d // 2
+    assert coupling_mask("half", d, parity).dtype == torch.bool
+
+
+def test_image_masks():
+    cb = coupling_mask("checkerboard", (3, 4, 5), 1)
+    i, j = torch.meshgrid(torch.arange(4), torch.arange(5), indexing="ij")
+    assert torch.equal(cb, ((i + j) % 2 == 1).expand(3, 4, 5))
+    ch = coupling_mask("channel", (3, 2, 2), 0)
+    assert ch[0].all() and not ch[1:].any()
+    assert torch.equal(coupling_mask("channel", (3, 2, 2), 1), ~ch)
+
+
+@pytest.mark.parametrize(
+    "kind,shape,msg",
+    [
+        ("channel", (1, 4, 4), "C >= 2"),
+        ("half", (2, 4, 4), "flat vectors"),
+        ("checkerboard", 6, r"images \(C, H, W\)"),
+        ("half", 1, "D >= 2"),
+        ("diagonal", 4, "Unknown mask kind"),
+    ],
+)
+def test_mask_errors(kind, shape, msg):
+    with pytest.raises(ValueError, match=msg):
+        coupling_mask(kind, shape, 0)
+
+
+def test_custom_net_and_argument_errors():
+    net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    t = AffineCoupling(4, net=net, cache_size=0)
+    x = torch.randn(3, 4)
+    assert torch.allclose(t.inv(t(x)), x, atol=1e-5)
+    with pytest.raises(ValueError, match="2 x 4 = 8"):
+        AffineCoupling(4, net=torch.nn.Linear(4, 4))(x)
+    with pytest.raises(ValueError, match="not both"):
+        AdditiveCoupling(4, hidden=(8,), net=torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="scale must be one of"):
+        AffineCoupling(4, scale="exp")
+    with pytest.raises(ValueError, match="event_shape"):
+        AffineCoupling((4, 4))
+
+
+def test_bad_input_shape_error():
+    t = AffineCoupling(4)
+    with pytest.raises(ValueError, match=r"\(\.\.\., 4\)"):
+        t(torch.randn(3, 5))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("shape", [5, (2, 4, 4)])
+def test_fresh_coupling_is_identity(cls, shape):
+    t = cls(shape, cache_size=0)
+    x = torch.randn((3,) + ((shape,) if isinstance(shape, int) else shape))
+    assert torch.equal(t(x), x)
+    assert torch.equal(t.log_abs_det_jacobian(x, x), torch.zeros(3))
+
+
+@pytest.mark.parametrize("shape,mask", CASES)
+def test_additive_is_volume_preserving(shape, mask):
+    t = make(AdditiveCoupling, shape, mask, 1)
+    event = (shape,) if isinstance(shape, int) else shape
+    x = torch.randn((4,) + event, dtype=torch.float64)
+    ld = t.log_abs_det_jacobian(x, t(x))
+    assert torch.equal(ld, torch.zeros(4, dtype=torch.float64))
+    jac = torch.autograd.functional.jacobian(
+        lambda v: t(v.reshape(event)).reshape(-1), x[0].reshape(-1)
+    )
+    assert torch.allclose(torch.linalg.det(jac), torch.tensor(1.0, dtype=torch.float64), atol=1e-8)
+
+
+def test_affine_tanh_scale_is_bounded():
+    t = make(AffineCoupling, 6, parity=0)
+    with torch.no_grad():
+        t.net[-1].weight.mul_(1e6)
+        t.net[-1].bias.fill_(1e6)
+        t.scale_factor.copy_(torch.linspace(0.5, 2.0, 6))
+    x = 100 * torch.randn(50, 6, dtype=torch.float64)
+    s, _ = t._params(x * t.mask)
+    assert torch.isfinite(s).all()
+    assert (s.abs() <= t.scale_factor.abs() + 1e-12).all()
+    assert s.abs().max() > 0.4  # the net output is indeed huge
+    y = t(x)
+    assert torch.isfinite(y).all() and torch.isfinite(t.log_abs_det_jacobian(x, y)).all()
+    assert torch.allclose(t.inv(y), x, rtol=1e-6, atol=1e-6)
+
+
+def test_affine_sigmoid_scale_is_stable():
+    t = make(AffineCoupling, 6, scale="sigmoid")
+    with torch.no_grad():
+        t.net[-1].weight.mul_(1e4)
+    x = 10 * torch.randn(50, 6, dtype=torch.float64)
+    s, _ = t._params(x * t.mask)
+    assert torch.isfinite(s).all() and (s <= 0).all()
+    assert torch.isfinite(t.log_abs_det_jacobian(x, t(x))).all()
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_cache_returns_same_tensor(cls):
+    t = cls(5, cache_size=1)
+    x = torch.randn(3, 5)
+    y = t(x)
+    assert t.inv(y) is x
+    assert t(x) is y
+
+
+@pytest.mark.parametrize("shape", [6, 7])
+def test_transformed_distribution(shape):
+    d = shape
+    parts = [
+        make(AffineCoupling, d, parity=0, seed=1),
+        make(AdditiveCoupling, d, parity=1, seed=2),
+        make(AffineCoupling, d, parity=1, seed=3, scale="sigmoid"),
+        make(AffineCoupling, d, parity=0, seed=4),
+    ]
+    base = dist.Normal(torch.zeros(d, dtype=torch.float64), 1.0).to_event(1)
+    flow = dist.TransformedDistribution(base, parts)
+    y = torch.randn(10, d, dtype=torch.float64)
+    # manual inverse pass
+    z, total = y, torch.zeros(10, dtype=torch.float64)
+    for t in reversed(parts):
+        x = t.inv(z)
+        total = total + t.log_abs_det_jacobian(x, z)
+        z = x
+    expected = base.log_prob(z) - total
+    assert torch.allclose(flow.log_prob(y), expected, atol=1e-10)
+    # independent check: change of variables with the full Jacobian of the composed inverse
+    def inverse(v):
+        for t in reversed(parts):
+            v = t.inv(v)
+        return v
+
+    _, ld_inv = jacobian_logdet(inverse, y[0])
+    assert torch.allclose(flow.log_prob(y[0]), base.log_prob(inverse(y[0])) + ld_inv, atol=1e-6)
+    assert flow.rsample().shape == (d,)
+    sample = flow.rsample((4, 2))
+    assert sample.shape == (4, 2, d)
+    assert flow.log_prob(sample).shape == (4, 2)
+    assert torch.isfinite(flow.log_prob(sample)).all()
+
+
+def test_transformed_distribution_images():
+    shape = (2, 4, 4)
+    parts = [
+        make(AffineCoupling, shape, "checkerboard", 0),
+        make(AffineCoupling, shape, "checkerboard", 1, seed=1),
+        make(AdditiveCoupling, shape, "channel", 0, seed=2),
+        make(AffineCoupling, shape, "channel", 1, seed=3),
+    ]
+    base = dist.Normal(torch.zeros(shape, dtype=torch.float64), 1.0).to_event(3)
+    flow = dist.TransformedDistribution(base, parts)
+    sample = flow.rsample((5,))
+    assert sample.shape == (5,) + shape
+    lp = flow.log_prob(sample)
+    z = sample
+    total = 0
+    for t in reversed(parts):
+        x = t.inv(z)
+        total = total + t.log_abs_det_jacobian(x, z)
+        z = x
+    assert torch.allclose(lp, base.log_prob(z) - total, atol=1e-10)
+
+
+def test_density_integrates_to_one_and_rsample_is_differentiable():
+    # A flow on D=2: the density integrates to ~1 on a grid.
+    parts = [make(AffineCoupling, 2, parity=p, seed=p) for p in (0, 1, 0)]
+    base = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1)
+    flow = dist.TransformedDistribution(base, parts)
+    g = torch.linspace(-8, 8, 321, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    mass = flow.log_prob(grid).exp().sum() * (g[1] - g[0]) ** 2
+    assert math.isclose(mass.item(), 1.0, abs_tol=1e-2)
+    parts[0].scale_factor.grad = None
+    flow.rsample((8,)).sum().backward()
+    assert parts[0].scale_factor.grad is not None
+
+
+@pytest.mark.parametrize("shape,mask", [(5, "half"), ((2, 4, 4), "checkerboard")])
+def test_conditional_affine_coupling(shape, mask):
+    torch.manual_seed(0)
+    t = ConditionalAffineCoupling(shape, context_dim=3, hidden=(8,), mask=mask, cache_size=0).double()
+    with torch.no_grad():
+        for p in t.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    event = (shape,) if isinstance(shape, int) else shape
+    x = torch.randn((4,) + event, dtype=torch.float64)
+    c1, c2 = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    t1, t2 = t.condition(c1), t.condition(c2)
+    y1 = t1(x)
+    assert not torch.allclose(y1, t2(x)), "the context must matter"
+    assert torch.allclose(t1.inv(y1), x, atol=1e-5)
+    ld = t1.log_abs_det_jacobian(x, y1)
+    assert ld.shape == (4,)
+    for b in range(4):
+        tb = t.condition(c1[b])
+        _, ref = jacobian_logdet(tb, x[b])
+        assert torch.allclose(ld[b], ref, atol=1e-4)
+    # broadcasting a single context over the batch, inside a TransformedDistribution
+    base = dist.Normal(torch.zeros(event, dtype=torch.float64), 1.0).to_event(len(event))
+    flow = dist.ConditionalTransformedDistribution(base, [t]).condition(c1[0])
+    s = flow.rsample((6,))
+    assert s.shape == (6,) + event
+    assert torch.isfinite(flow.log_prob(s)).all()
+    with pytest.raises(ValueError, match=r"\(\.\.\., 3\)"):
+        t.condition(torch.randn(2))
