@@ -11,6 +11,7 @@ from .guides import AmortizedGuide, PerDatapointGuide, SemiAmortizedGuide, with_
 from .models.conv_vae import ConvVAE
 from .models.cvae import ConditionalVAE, DeterministicBaseline
 from .models.discrete_vae import DiscreteVAE
+from .models.flow import FlowModel
 from .models.hierarchical_vae import HierarchicalVAE
 from .models.vae import VAE
 from .training import LVMModule, elbo_terms, fit
@@ -23,6 +24,7 @@ __all__ = [
     "ConvVAE",
     "ConditionalVAE",
     "DeterministicBaseline",
+    "FlowModel",
     "HierarchicalVAE",
     "LVMModule",
     "fit",

@@ -9,13 +9,15 @@ for :math:`x = f(u)`, :math:`u \\sim p_U`,
 
     \\log p_X(x) = \\log p_U(f^{-1}(x)) - \\log\\,\\big|\\det J_f(f^{-1}(x))\\big|,
 
-exact, with no lower bound. (Work in progress, issue 5: the stacks ``nice()`` /
-``realnvp()``, the multi-scale architecture and ``FlowModel`` are to come.)
+exact, with no lower bound. :func:`nice` and :func:`realnvp` build stacks, and
+:class:`pyro_lvm.FlowModel` trains one by maximum likelihood. (Work in progress, issue 5:
+the multi-scale architecture, flow priors and posteriors in VAEs are to come.)
 """
 
 from .coupling import AdditiveCoupling, AffineCoupling, ConditionalAffineCoupling, coupling_mask
 from .layers import ActNorm, DiagonalScaling, InvertibleConv1x1, Squeeze
 from .preprocessing import Logit, bits_per_dim, dequantize
+from .stacks import nice, realnvp
 
 __all__ = [
     "coupling_mask",
@@ -29,4 +31,6 @@ __all__ = [
     "Logit",
     "bits_per_dim",
     "dequantize",
+    "nice",
+    "realnvp",
 ]
