@@ -11,6 +11,7 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from torch.distributions import Normal, kl_divergence
 
 __all__ = [
     "as_images",
@@ -245,7 +246,7 @@ def kl_per_dim(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             f"kl_per_dim needs loc and scale of one shape (batch, *latent_shape); got "
             f"{tuple(loc.shape)} and {tuple(scale.shape)}. Pass the two outputs of model.encode(x)."
         )
-    return (0.5 * (loc.square() + scale.square() - 1) - scale.log()).mean(0)
+    return kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).mean(0)
 
 
 def traversal_latents(loc: torch.Tensor, dims: Sequence[int], values: torch.Tensor) -> torch.Tensor:

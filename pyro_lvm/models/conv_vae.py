@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.nn.functional import softplus
 
+from ..estimators.kl_control import kl_per_variable
 from ..likelihoods import Likelihood, make_likelihood
 from ..nets import MLP, ConvDecoder, ConvEncoder, _over_images
 from ..nets import activation as _activation
@@ -203,8 +204,8 @@ class ConvVAE(LatentVariableModel):
         and the sum over all coordinates is :math:`\mathrm{KL}(q_\phi(z \mid x) \,\|\, p(z))`,
         the term that ``estimator="analytic_kl"`` subtracts from the expected log-likelihood.
         """
-        loc, scale = self.encode(x)
-        return 0.5 * (loc.square() + scale.square() - 1) - scale.log()
+        q = self.posterior(x)
+        return kl_per_variable(q, self.prior(q.batch_shape))
 
     def kl_per_location(self, x: torch.Tensor) -> torch.Tensor:
         r"""The spatial latent's KL per location, shape ``(batch, H', W')``, in nats.
