@@ -21,6 +21,7 @@ import difflib
 import importlib
 import inspect
 import itertools
+import json
 import logging
 import math
 import os
@@ -74,9 +75,15 @@ class RunReport(pl.Callback):
       (and the KL per location of a spatial latent map), from the module's
       :class:`~pyro_lvm.monitoring.LatentMonitor`; ``latent_stats.csv`` holds the numbers.
 
-    A picture the model cannot draw (a ``ValueError`` or ``NotImplementedError``,
-    e.g. traversals of a discrete latent) is skipped; the printed summary names
-    it on one line and :attr:`skipped` keeps the reasons.
+    A model with no latent variable (:class:`pyro_lvm.FlowModel`) gets
+    ``samples.png`` only. A picture the model cannot draw (a ``ValueError`` or
+    ``NotImplementedError``, e.g. traversals of a discrete latent) is skipped; the
+    printed summary names it on one line and :attr:`skipped` keeps the reasons.
+
+    At the end of ``test`` (``pyro-lvm test``, or ``pyro-lvm fit`` with
+    ``test_after_fit: true``) it prints the test metrics (``test/elbo`` per data
+    point, and ``test/bits_per_dim`` for a flow) and writes them to
+    ``test_metrics.json`` in the run folder.
     """
 
     def __init__(self) -> None:
@@ -113,9 +120,33 @@ class RunReport(pl.Callback):
         lines += [f"  {p.name}: {p}" for p in written]
         if self.skipped:
             lines.append(f"  not drawn (the model or data cannot): {', '.join(self.skipped)}")
-        if "val/elbo" in trainer.callback_metrics:
-            lines.append(f"  validation ELBO: {float(trainer.callback_metrics['val/elbo']):.3f} nats per data point")
+        lines += self._metric_lines(trainer, "val", "validation")
         print("\n".join(lines))
+
+    @staticmethod
+    def _metric_lines(trainer: pl.Trainer, stage: str, label: str) -> list[str]:
+        metrics = trainer.callback_metrics
+        lines = []
+        if f"{stage}/elbo" in metrics:
+            lines.append(f"  {label} ELBO: {float(metrics[f'{stage}/elbo']):.3f} nats per data point")
+        if f"{stage}/bits_per_dim" in metrics:
+            lines.append(f"  {label} bits/dim: {float(metrics[f'{stage}/bits_per_dim']):.4f}")
+        return lines
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        run_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        if not trainer.is_global_zero:
+            return
+        metrics = {
+            key: float(value) for key, value in trainer.callback_metrics.items()
+            if key.startswith("test/") and isinstance(value, (torch.Tensor, float, int)) and torch.as_tensor(value).numel() == 1
+        }
+        if not metrics:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "test_metrics.json"
+        path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        print("\n".join([f"Test set ({path}):"] + self._metric_lines(trainer, "test", "test")))
 
     def _pictures(self, trainer: pl.Trainer, lvm, run_dir: Path) -> list[Path]:
         datamodule = trainer.datamodule
@@ -131,6 +162,9 @@ class RunReport(pl.Callback):
         pictures: dict[str, Callable[[Path], Path]] = {}
         if hasattr(lvm, "predict") and isinstance(y, torch.Tensor) and y.shape == x.shape:
             pictures["completions.png"] = lambda path: plot_completions(lvm, x, y, path)
+        elif not hasattr(lvm, "encode"):  # no latent variable, e.g. a flow: draws only
+            if hasattr(lvm, "sample"):
+                pictures["samples.png"] = lambda path: plot_samples(lvm, path, title="draws from the model")
         else:
             pairs = min(4, len(x) // 2)
             pictures.update({
@@ -248,6 +282,21 @@ class LVMCLI(LightningCLI):
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry"):
             load_checkpoint(ckpt_path)
         super()._parse_ckpt_path()
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False,
+            help="fit only: evaluate the best checkpoint (the last weights without one) on the data "
+            "module's test split after training, print the metrics and write test_metrics.json",
+        )
+
+    def after_fit(self) -> None:
+        """With ``test_after_fit: true``, test the best checkpoint on the test split."""
+        if not self.config.get(self.subcommand, {}).get("test_after_fit"):
+            return
+        ckpt = self.trainer.checkpoint_callback
+        best = ckpt.best_model_path if ckpt is not None and getattr(ckpt, "best_model_path", "") else None
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
 
     def fit(self, model, datamodule=None, ckpt_path: Optional[str] = None, weights_only: Optional[bool] = None, **kwargs) -> None:
         """``Trainer.fit``, loading a checkpoint with ``weights_only=True`` by default."""

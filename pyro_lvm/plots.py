@@ -107,7 +107,7 @@ def plot_reconstructions(
 
 def plot_samples(
     model, path: Union[str, Path], num: int = 30, per_row: int = 10,
-    image_shape: Optional[Sequence[int]] = None,
+    image_shape: Optional[Sequence[int]] = None, title: str = "E[x | z] for z drawn from the prior",
 ) -> Path:
     r"""``model.sample(num)``: :math:`E[x \mid z]` for :math:`z` drawn from the prior, ``per_row`` to a row.
 
@@ -117,6 +117,7 @@ def plot_samples(
         num: samples to draw.
         per_row: samples per row.
         image_shape: shape to show one data point as, if not inferred (see :func:`as_images`).
+        title: the picture's title (a model with no latent, e.g. a flow: "draws from the model").
 
     Example:
         >>> import tempfile, pyro_lvm
@@ -130,7 +131,7 @@ def plot_samples(
     n_rows = -(-num // per_row)
     blank = torch.full((n_rows * per_row - num, *images.shape[1:]), 1.0)  # white: an empty end of the last row
     tiles = torch.cat([images, blank]).reshape(n_rows, per_row, *images.shape[1:])
-    return _save_tiles(tiles, path, title="E[x | z] for z drawn from the prior")
+    return _save_tiles(tiles, path, title=title)
 
 
 def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Path:

@@ -151,6 +151,8 @@ class LVMModule(pl.LightningModule):
     (the ELBO at ``beta = 1``, per data point; see :func:`elbo_terms`), and per
     epoch ``val/active_units``, ``val/beta`` and the KL per latent dimension
     (see ``latent_monitor``).
+    A model with an ``evaluation_metrics(terms)`` method adds its own numbers (sums
+    over the batch, logged per data point), e.g. :class:`pyro_lvm.FlowModel`'s ``bits_per_dim``.
 
     Arguments:
         model: the model, or a module with ``model`` and ``guide`` methods.
@@ -395,6 +397,9 @@ class LVMModule(pl.LightningModule):
         with self._scope():
             traces = _replayed_traces(self.objective.model, self.objective.guide, *args, **kwargs)
         terms = _terms(*traces)
+        extra = getattr(getattr(self, "lvm", None), "evaluation_metrics", None)
+        if callable(extra):  # e.g. a flow's bits per dimension
+            terms.update(extra(terms))
         if self.latent_monitor is not None and not self.trainer.sanity_checking:
             self.latent_monitor.update(*traces)
         for key, value in terms.items():

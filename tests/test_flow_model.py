@@ -204,8 +204,10 @@ def test_errors_speak_to_the_user():
         flow.model(torch.zeros(4, 2))
     with pytest.raises(ValueError, match="got"):
         flow.log_prob(torch.zeros(4, 5))
-    with pytest.raises(ValueError, match="flat vectors"):
-        FlowModel((1, 4, 4), "nice")
+    with pytest.raises(ValueError, match="options of 'realnvp'"):
+        FlowModel((1, 4, 4), "nice", num_scales=2)
+    with pytest.raises(ValueError, match=r"divisible by 2\*\*3 = 8.*num_scales <= 2"):
+        FlowModel((1, 28, 28), num_scales=3)
     with pytest.raises(ValueError, match="Unknown flow"):
         FlowModel(3, "glow")
     with pytest.raises(ValueError, match="even H and W"):
@@ -238,3 +240,20 @@ def test_vector_stacks_round_trip_and_log_det_property(name, dim, num_layers, se
 
     sign, ref = autograd_logdet(f, u[0])
     assert sign > 0 and torch.allclose(ld[0], ref, atol=1e-4)
+
+
+def test_nice_scaling_is_initialized_from_the_data_scale():
+    torch.manual_seed(0)
+    x = torch.randn(512, 6) * torch.tensor([0.1, 1.0, 3.0, 10.0, 30.0, 0.5])
+    flow = FlowModel(6, "nice", hidden=(8,))
+    assert flow._needs_init()
+    flow.initialize(x)
+    scaling = flow.transforms[-1]
+    assert bool(scaling.initialized) and not flow._needs_init()
+    # fresh couplings are the identity: the base codes have unit RMS per coordinate
+    u = flow.inverse(x)
+    assert torch.allclose(u.pow(2).mean(0), torch.ones(6), atol=1e-4)
+    # and the model initializes itself on its first training batch
+    fresh = FlowModel(6, "nice", hidden=(8,))
+    fresh.model(x)
+    assert torch.allclose(fresh.transforms[-1].log_scale, scaling.log_scale)

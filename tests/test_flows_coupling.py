@@ -197,9 +197,9 @@ def test_affine_tanh_scale_is_bounded():
     with torch.no_grad():
         t.net[-1].weight.mul_(1e6)
         t.net[-1].bias.fill_(1e6)
-        t.scale_factor.copy_(torch.linspace(0.5, 2.0, 6))
+        t.scale_factor.copy_(torch.linspace(0.5, 2.0, 3))  # one per transformed entry
     x = 100 * torch.randn(50, 6, dtype=torch.float64)
-    s, _ = t._params(x * t.mask)
+    s, _ = t._params(t._split(x)[0])  # the compact half net: log-scales of the transformed half
     assert torch.isfinite(s).all()
     assert (s.abs() <= t.scale_factor.abs() + 1e-12).all()
     assert s.abs().max() > 0.4  # the net output is indeed huge
@@ -213,7 +213,7 @@ def test_affine_sigmoid_scale_is_stable():
     with torch.no_grad():
         t.net[-1].weight.mul_(1e4)
     x = 10 * torch.randn(50, 6, dtype=torch.float64)
-    s, _ = t._params(x * t.mask)
+    s, _ = t._params(t._split(x)[0])
     assert torch.isfinite(s).all() and (s <= 0).all()
     assert torch.isfinite(t.log_abs_det_jacobian(x, t(x))).all()
 
@@ -285,14 +285,15 @@ def test_transformed_distribution_images():
 
 
 def test_density_integrates_to_one_and_rsample_is_differentiable():
-    # A flow on D=2: the density integrates to ~1 on a grid.
+    # A flow on D=2: the density integrates to ~1 on a grid wide enough for its heavy tail
+    # (2.6% of its draws lie beyond |x| = 8).
     parts = [make(AffineCoupling, 2, parity=p, seed=p) for p in (0, 1, 0)]
     base = dist.Normal(torch.zeros(2, dtype=torch.float64), 1.0).to_event(1)
     flow = dist.TransformedDistribution(base, parts)
-    g = torch.linspace(-8, 8, 321, dtype=torch.float64)
+    g = torch.linspace(-24, 24, 961, dtype=torch.float64)
     grid = torch.stack(torch.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
     mass = flow.log_prob(grid).exp().sum() * (g[1] - g[0]) ** 2
-    assert math.isclose(mass.item(), 1.0, abs_tol=1e-2)
+    assert math.isclose(mass.item(), 1.0, abs_tol=1e-3)
     parts[0].scale_factor.grad = None
     flow.rsample((8,)).sum().backward()
     assert parts[0].scale_factor.grad is not None

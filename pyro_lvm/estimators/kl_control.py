@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Union
 
 import torch
-from pyro.distributions import Independent
+from pyro.distributions import Independent, TransformedDistribution
 from pyro.distributions.kl import kl_divergence
 
 from ..schedules import Constant, Schedule
@@ -71,6 +71,14 @@ def kl_per_variable(q, p, value: Optional[torch.Tensor] = None) -> torch.Tensor:
         if value is None:
             raise
         return q.log_prob(value) - p.log_prob(value)
+
+
+def _is_flow(d) -> bool:
+    """Whether ``d`` (possibly in ``Independent``) is a plain TransformedDistribution, e.g. a flow.
+
+    Subclasses with their own densities and KLs (LogNormal, RelaxedBernoulli, ...) are not.
+    """
+    return type(_unwrap(d)[0]) in (torch.distributions.TransformedDistribution, TransformedDistribution)
 
 
 class KLControl:
@@ -280,7 +288,16 @@ class KLControlMixin:
     def _check_kl_control(self, model_trace, guide_trace, estimator: str) -> None:
         if self.kl_control is None:
             return
+        model_latents = latent_sites(model_trace)
         for name, site in latent_sites(guide_trace).items():
+            p = model_latents[name]["fn"] if name in model_latents else None
+            if _is_flow(site["fn"]) or _is_flow(p):
+                raise ValueError(
+                    f"kl_control (free bits, capacity) needs the KL per latent dimension, but site "
+                    f"{name!r} has a normalizing flow prior or posterior (a TransformedDistribution, "
+                    "e.g. VAE(prior_flow=...)), whose KL does not factorize over dimensions. Use "
+                    "estimator 'reparam' or 'iwae' without kl_control (beta still weighs the KL)."
+                )
             if not site["fn"].has_rsample:
                 raise ValueError(
                     f"kl_control with '{estimator}' needs reparameterizable latents; site {name!r} "

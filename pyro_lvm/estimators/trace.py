@@ -7,7 +7,7 @@ from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.distributions.kl import kl_divergence
 
 from .base import BetaMixin, _guide_covers_model, guide_order_matches_model, latent_sites
-from .kl_control import KLControlMixin
+from .kl_control import KLControlMixin, _is_flow
 
 __all__ = ["ReparamELBO", "AnalyticKLELBO"]
 
@@ -98,6 +98,13 @@ class AnalyticKLELBO(KLControlMixin, BetaMixin, TraceMeanField_ELBO):
             try:
                 kl_divergence(q, p)
             except NotImplementedError:
+                if _is_flow(q) or _is_flow(p):
+                    raise ValueError(
+                        f"'analytic_kl' needs KL(q || p) in closed form, but site {name!r} has a "
+                        f"normalizing flow ({'q' if _is_flow(q) else 'p'} is a TransformedDistribution, "
+                        "e.g. VAE(prior_flow=...) or VAE(posterior_flow=...)), which has none. Use "
+                        "'reparam' or 'iwae' (Monte-Carlo log q - log p)."
+                    ) from None
                 raise ValueError(
                     f"'analytic_kl' needs KL(q || p) in closed form, but none is registered "
                     f"for site {name!r}: q = {type(q).__name__}, p = {type(p).__name__}. "

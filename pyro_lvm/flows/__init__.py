@@ -10,14 +10,17 @@ for :math:`x = f(u)`, :math:`u \\sim p_U`,
     \\log p_X(x) = \\log p_U(f^{-1}(x)) - \\log\\,\\big|\\det J_f(f^{-1}(x))\\big|,
 
 exact, with no lower bound. :func:`nice` and :func:`realnvp` build stacks, and
-:class:`pyro_lvm.FlowModel` trains one by maximum likelihood. (Work in progress, issue 5:
-the multi-scale architecture, flow priors and posteriors in VAEs are to come.)
+:class:`pyro_lvm.FlowModel` trains one by maximum likelihood (multi-scale RealNVP with
+:class:`FactorOut`). The same layers make flow priors and posteriors of a VAE (see
+:class:`pyro_lvm.VAE`'s ``prior_flow`` and ``posterior_flow``).
 """
 
 from .coupling import AdditiveCoupling, AffineCoupling, ConditionalAffineCoupling, coupling_mask
 from .layers import ActNorm, DiagonalScaling, InvertibleConv1x1, Squeeze
 from .preprocessing import Logit, bits_per_dim, dequantize
-from .stacks import nice, realnvp
+from .multiscale import FactorOut
+from .stacks import initialize_actnorm, nice, realnvp
+from .vae_flows import flow_posterior, flow_prior, posterior_flow, prior_flow
 
 __all__ = [
     "coupling_mask",
@@ -31,6 +34,12 @@ __all__ = [
     "Logit",
     "bits_per_dim",
     "dequantize",
+    "FactorOut",
+    "initialize_actnorm",
     "nice",
     "realnvp",
+    "prior_flow",
+    "posterior_flow",
+    "flow_prior",
+    "flow_posterior",
 ]

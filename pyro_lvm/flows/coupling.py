@@ -95,6 +95,19 @@ def coupling_mask(kind: str, shape: int | Sequence[int], parity: int = 0) -> tor
     return ~m if parity == 1 else m
 
 
+def _mlp(n_in: int, hidden: Sequence[int], n_out: int) -> nn.Module:
+    """ReLU MLP ``n_in -> hidden -> n_out`` whose last layer starts at zero."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU()]
+        width = h
+    last = nn.Linear(width, n_out)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return nn.Sequential(*layers, last)
+
+
 def _default_net(
     shape: tuple[int, ...], hidden: Sequence[int], n_out: int, extra_in: int = 0
 ) -> nn.Module:
@@ -172,10 +185,20 @@ class _Coupling(TransformModule):
         self.mask_kind = kind
         self.parity = parity
         self.register_buffer("mask", coupling_mask(kind, self.event_shape, parity).float())
+        # With the "half" mask and the default net, the net sees only the kept half (and the
+        # context) and returns values for the transformed half only: no weights that would
+        # only ever meet the mask's zeros (half the parameters and FLOPs of a masked net).
+        self._halves: tuple[slice, slice] | None = None
         if net is None:
             if hidden is None:
                 hidden = (64, 64) if len(self.event_shape) == 1 else (32, 32)
-            net = _default_net(self.event_shape, hidden, self._n_out, extra_in)
+            if kind == "half":
+                d, k = self.event_shape[0], self.event_shape[0] // 2
+                self._halves = (slice(0, k), slice(k, d)) if parity == 0 else (slice(k, d), slice(0, k))
+                n_kept, n_free = (k, d - k) if parity == 0 else (d - k, k)
+                net = _mlp(n_kept + extra_in, hidden, self._n_out * n_free)
+            else:
+                net = _default_net(self.event_shape, hidden, self._n_out, extra_in)
         elif hidden is not None:
             raise ValueError("Pass either `hidden` (widths of the default net) or `net`, not both.")
         self.net = net
@@ -203,6 +226,25 @@ class _Coupling(TransformModule):
                 f"{type(self).__name__} expects inputs of shape (..., {', '.join(map(str, self.event_shape))}); "
                 f"got {tuple(x.shape)}."
             )
+
+    def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kept and transformed halves of a vector (``"half"`` mask, default net)."""
+        kept, free = self._halves
+        return x[..., kept], x[..., free]
+
+    def _join(self, kept: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
+        kept = kept.expand(free.shape[:-1] + kept.shape[-1:])
+        return torch.cat([kept, free] if self._halves[0].start == 0 else [free, kept], dim=-1)
+
+    def _half_net(self, kept: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The compact net's ``_n_out`` outputs, each of the transformed half's size."""
+        if context is not None:
+            batch = torch.broadcast_shapes(kept.shape[:-1], context.shape[:-1])
+            kept = torch.cat(
+                [kept.expand(batch + kept.shape[-1:]), context.expand(batch + context.shape[-1:])], dim=-1
+            )
+        out = self.net(kept)
+        return out.unflatten(-1, (self._n_out, -1)).unbind(-2)
 
     def _batch_zeros(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(x.shape[: x.dim() - self.event_dim])
@@ -269,10 +311,18 @@ class AdditiveCoupling(_Coupling):
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
+        if self._halves is not None:
+            kept, free = self._split(x)
+            (shift,) = self._half_net(kept)
+            return self._join(kept, free + shift)
         return x + self._shift(x * self.mask)
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         self._check(y)
+        if self._halves is not None:
+            kept, free = self._split(y)
+            (shift,) = self._half_net(kept)
+            return self._join(kept, free - shift)
         return y - self._shift(y * self.mask)
 
     def log_abs_det_jacobian(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -351,7 +401,9 @@ class AffineCoupling(_Coupling):
         super().__init__(event_shape, hidden, net, mask, parity, cache_size, _extra_in)
         self.scale = scale
         if scale == "tanh":
-            self.scale_factor = nn.Parameter(torch.ones(self.event_shape))
+            # one factor per transformed entry (the compact half net), else per entry
+            size = (self._halves[1].stop - self._halves[1].start,) if self._halves is not None else self.event_shape
+            self.scale_factor = nn.Parameter(torch.ones(size))
         else:
             self.register_parameter("scale_factor", None)
         self._cached_s: tuple | None = None
@@ -359,21 +411,35 @@ class AffineCoupling(_Coupling):
     def _params(
         self, kept: torch.Tensor, context: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Log-scale and shift: of the transformed half only (compact net), else masked full-size."""
+        if self._halves is not None:
+            raw, shift = self._half_net(kept, context)
+            return _log_scale(raw, self.scale, self.scale_factor), shift
         raw, shift = _run_net(self.net, kept, self.event_shape, 2, context)
         free = 1 - self.mask
         return _log_scale(raw, self.scale, self.scale_factor) * free, shift * free
 
     def _forward_with(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        s, t = self._params(x * self.mask, context)
-        y = x * torch.exp(s) + t
+        if self._halves is not None:
+            kept, free = self._split(x)
+            s, t = self._params(kept, context)
+            y = self._join(kept, free * torch.exp(s) + t)
+        else:
+            s, t = self._params(x * self.mask, context)
+            y = x * torch.exp(s) + t
         self._cached_s = (x, y, context, s)
         return y
 
     def _inverse_with(self, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check(y)
-        s, t = self._params(y * self.mask, context)
-        x = (y - t) * torch.exp(-s)
+        if self._halves is not None:
+            kept, free = self._split(y)
+            s, t = self._params(kept, context)
+            x = self._join(kept, (free - t) * torch.exp(-s))
+        else:
+            s, t = self._params(y * self.mask, context)
+            x = (y - t) * torch.exp(-s)
         self._cached_s = (x, y, context, s)
         return x
 
@@ -383,6 +449,8 @@ class AffineCoupling(_Coupling):
         cached = self._cached_s
         if cached is not None and cached[0] is x and cached[1] is y and cached[2] is context:
             s = cached[3]
+        elif self._halves is not None:
+            s, _ = self._params(self._split(x)[0], context)
         else:
             s, _ = self._params(x * self.mask, context)
         return s.sum(tuple(range(-self.event_dim, 0)))

@@ -314,6 +314,13 @@ class DiagonalScaling(TransformModule):
 
         y = x \odot e^{s}, \qquad x = y \odot e^{-s}, \qquad \log\left|\det J\right| = \sum_i s_i .
 
+    The log-scales start at 0. :meth:`initialize` sets them from data instead (as
+    :func:`pyro_lvm.flows.initialize_actnorm` and :class:`pyro_lvm.FlowModel` do): at the
+    data end of a NICE stack, :math:`s_i = \log \mathrm{RMS}_i` of the data makes the
+    inverse map's output unit-scaled, which saves the thousands of small Adam steps that
+    data of a large scale (e.g. in logit space) otherwise spend on these few parameters.
+    The buffer ``initialized`` records it.
+
     References:
         Dinh, Krueger & Bengio, "NICE: Non-linear Independent Components Estimation", 2014,
         https://arxiv.org/abs/1410.8516
@@ -342,6 +349,20 @@ class DiagonalScaling(TransformModule):
                 f"DiagonalScaling needs a non-empty event_shape of positive sizes, got {tuple(self.event_shape)}."
             )
         self.log_scale = torch.nn.Parameter(torch.zeros(self.event_shape))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def initialize(self, y: torch.Tensor, eps: float = 1e-6) -> None:
+        r"""Set :math:`s_i = \log \mathrm{RMS}_i(y)` over the batch, so that ``self.inv(y)`` has unit RMS per coordinate."""
+        self._check(y)
+        flat = y.detach().reshape((-1,) + tuple(self.event_shape))
+        if flat.shape[0] < 2:
+            raise ValueError(
+                f"DiagonalScaling data-dependent initialization needs a batch of at least 2, got input "
+                f"of shape {tuple(y.shape)}; initialize with a larger batch."
+            )
+        self.log_scale.data.copy_(torch.log(flat.pow(2).mean(0).sqrt() + eps))
+        self.initialized.fill_(True)
 
     @constraints.dependent_property(is_discrete=False)
     def domain(self) -> constraints.Constraint:

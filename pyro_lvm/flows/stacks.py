@@ -1,4 +1,4 @@
-"""Ready-made stacks of flow layers: NICE and (single-scale) RealNVP."""
+"""Ready-made stacks of flow layers: NICE and RealNVP (single- or multi-scale), and their ActNorm initialization."""
 
 from __future__ import annotations
 
@@ -7,26 +7,28 @@ from typing import Sequence
 import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch import nn
-from torch.distributions import constraints
+from torch.distributions import Transform, constraints
 
 from .coupling import AdditiveCoupling, AffineCoupling, _event_shape
-from .layers import ActNorm, DiagonalScaling, Squeeze
+from .layers import ActNorm, DiagonalScaling, InvertibleConv1x1, Squeeze
+from .multiscale import FactorOut
 
-__all__ = ["nice", "realnvp"]
+__all__ = ["nice", "realnvp", "initialize_actnorm"]
 
 
 def nice(
-    dim: int,
+    event_shape: int | Sequence[int],
     num_layers: int = 4,
-    hidden: Sequence[int] = (1000,) * 5,
+    hidden: Sequence[int] | None = None,
     cache_size: int = 1,
+    mask: str | None = None,
 ) -> nn.ModuleList:
-    r"""The NICE flow on flat vectors: additive couplings of alternating parity, then a diagonal scaling.
+    r"""The NICE flow: additive couplings of alternating parity, then a diagonal scaling.
 
     In the generative direction (base :math:`u` to data :math:`x`), with
     :math:`g_k` the additive couplings (:class:`~pyro_lvm.flows.AdditiveCoupling`,
-    ``"half"`` mask, parity :math:`k \bmod 2`) and :math:`S` the diagonal scaling
-    (:class:`~pyro_lvm.flows.DiagonalScaling`),
+    parity :math:`k \bmod 2`) and :math:`S` the diagonal scaling
+    (:class:`~pyro_lvm.flows.DiagonalScaling`, one log-scale per entry of the event),
 
     .. math::
 
@@ -34,18 +36,24 @@ def nice(
         \log\lvert\det J\rvert = \sum_i s_i ,
 
     since the couplings are volume preserving: all the change of volume is in the
-    scaling. The defaults (4 couplings, 5 hidden layers of 1000 units) are the paper's
-    MNIST architecture; use smaller ``hidden`` for small problems.
+    scaling. Flat vectors ``D`` use the ``"half"`` mask and, by default, the paper's MNIST
+    architecture (4 couplings, 5 hidden layers of 1000 units); use smaller ``hidden`` for
+    small problems. Images ``(C, H, W)`` use the ``"checkerboard"`` mask (or ``"channel"``
+    with ``mask="channel"`` when :math:`C \ge 2`) and 3x3 convolutional nets (default
+    hidden widths ``(32, 32)``); the base has the image's shape.
 
     References:
         Dinh, Krueger and Bengio, NICE: Non-linear Independent Components Estimation,
         2014, https://arxiv.org/abs/1410.8516
 
     Arguments:
-        dim: size :math:`D \ge 2` of the vectors.
+        event_shape: size :math:`D \ge 2` of flat vectors, or ``(C, H, W)`` for images.
         num_layers: number of additive coupling layers (at least 2, so every entry moves).
-        hidden: hidden widths of each coupling's MLP.
+        hidden: hidden widths of each coupling's net (default ``(1000,) * 5`` for vectors,
+            ``(32, 32)`` for images).
         cache_size: 0 or 1, the layers' cache size.
+        mask: the couplings' mask, ``"half"`` (vectors), ``"checkerboard"`` (images, default)
+            or ``"channel"`` (images with :math:`C \ge 2`); see :func:`~pyro_lvm.flows.coupling_mask`.
 
     Example:
         >>> import torch
@@ -60,18 +68,40 @@ def nice(
         ...     y = t.inv(y)
         >>> torch.allclose(y, x, atol=1e-5)
         True
+        >>> images = nice((1, 4, 4), hidden=(8,))
+        >>> images[-1].log_scale.shape
+        torch.Size([1, 4, 4])
     """
-    if not isinstance(dim, int) or dim < 2:
-        raise ValueError(f"nice() needs flat vectors of size dim >= 2 (an int); got dim={dim!r}.")
+    if isinstance(event_shape, int):
+        if event_shape < 2:
+            raise ValueError(
+                f"nice() needs flat vectors of size dim >= 2 (an int) or images (C, H, W); "
+                f"got dim={event_shape!r}."
+            )
+        shape: tuple[int, ...] = (event_shape,)
+    else:
+        try:
+            shape = _event_shape(event_shape)
+        except (TypeError, ValueError):
+            shape = ()
+        if len(shape) != 3:
+            raise ValueError(
+                f"nice() needs flat vectors of size dim >= 2 (an int) or images (C, H, W); "
+                f"got {event_shape!r}."
+            )
     if num_layers < 2:
         raise ValueError(
             f"nice() needs num_layers >= 2 so that both halves are transformed; got {num_layers}."
         )
+    if hidden is None:
+        hidden = (1000,) * 5 if len(shape) == 1 else (32, 32)
+    if mask is None:
+        mask = "half" if len(shape) == 1 else "checkerboard"
     layers: list[nn.Module] = [
-        AdditiveCoupling(dim, hidden=tuple(hidden), mask="half", parity=k % 2, cache_size=cache_size)
+        AdditiveCoupling(shape, hidden=tuple(hidden), mask=mask, parity=k % 2, cache_size=cache_size)
         for k in range(num_layers)
     ]
-    layers.append(DiagonalScaling(dim, cache_size=cache_size))
+    layers.append(DiagonalScaling(shape if len(shape) > 1 else shape[0], cache_size=cache_size))
     return nn.ModuleList(layers)
 
 
@@ -82,8 +112,10 @@ def realnvp(
     actnorm: bool = False,
     scale: str = "tanh",
     cache_size: int = 1,
+    num_scales: int = 1,
+    conv1x1: bool = False,
 ) -> nn.ModuleList:
-    r"""A RealNVP flow: affine couplings of alternating parity (single scale for images).
+    r"""A RealNVP flow: affine couplings of alternating parity, single- or multi-scale for images.
 
     The list is in the generative direction (base :math:`u` to data :math:`x`), ready for
     ``pyro.distributions.TransformedDistribution(base, list(layers))``.
@@ -91,23 +123,34 @@ def realnvp(
     * Flat vectors ``D``: ``num_layers`` (default 4) :class:`~pyro_lvm.flows.AffineCoupling` s
       with the ``"half"`` mask and alternating parity, each preceded (``actnorm=True``) by an
       :class:`~pyro_lvm.flows.ActNorm`.
-    * Images ``(C, H, W)`` (even ``H`` and ``W``): RealNVP's single scale. In the
-      density-estimation direction (data to base) the data go through ``num_layers``
-      (default 3) checkerboard couplings of alternating parity on ``(C, H, W)``, a
-      :class:`~pyro_lvm.flows.Squeeze` to ``(4C, H/2, W/2)``, then ``num_layers`` channel
-      couplings of alternating parity; the generative list is the reverse (channel
-      couplings, the squeeze's inverse, checkerboard couplings), so the base has shape
-      ``(4C, H/2, W/2)`` (:class:`pyro_lvm.models.FlowModel` works it out from the layers'
-      ``inverse_shape``). With ``actnorm=True`` an :class:`~pyro_lvm.flows.ActNorm` over the
-      channels precedes each coupling.
+    * Images ``(C, H, W)``, one scale (``num_scales=1``): in the density-estimation
+      direction (data to base) the data go through ``num_layers`` (default 3) checkerboard
+      couplings of alternating parity on ``(C, H, W)``, a :class:`~pyro_lvm.flows.Squeeze`
+      to ``(4C, H/2, W/2)``, then ``num_layers`` channel couplings of alternating parity;
+      the generative list is the reverse (channel couplings, the squeeze's inverse,
+      checkerboard couplings), so the base has shape ``(4C, H/2, W/2)``
+      (:class:`pyro_lvm.models.FlowModel` works it out from the layers' ``inverse_shape``).
+    * Images, :math:`L` scales (``num_scales=L``, :math:`H` and :math:`W` divisible by
+      :math:`2^L`): RealNVP's multi-scale architecture. Each of the first :math:`L - 1`
+      scales is the single scale above followed by factoring out half of the
+      :math:`4C` channels: the first :math:`2C` go to the base unchanged and the other
+      :math:`2C`, of shape ``(2C, H/2, W/2)``, go through the next scale (a
+      :class:`~pyro_lvm.flows.FactorOut`, nested once per scale). The last scale is the
+      single-scale block (checkerboard couplings, squeeze, channel couplings), so every
+      scale squeezes once; the paper's last scale has 4 checkerboard couplings and no
+      squeeze instead. The base keeps the shape ``(4C, H/2, W/2)``.
+
+    With ``actnorm=True`` an :class:`~pyro_lvm.flows.ActNorm` over the features precedes
+    each coupling in the data-to-base direction; initialize them from data with
+    :func:`initialize_actnorm` (which reaches the ones inside a ``FactorOut``). With
+    ``conv1x1=True`` an :class:`~pyro_lvm.flows.InvertibleConv1x1` (Glow) mixes the
+    features just before each coupling (after its ActNorm), on top of the alternating
+    parities.
 
     .. math::
 
         \log p(x) = \log p_U(f^{-1}(x)) - \sum_k \log\lvert\det J_{f_k}\rvert ,
         \qquad \log\lvert\det J_{\text{coupling}}\rvert = \sum_i s_i .
-
-    Future work: the multi-scale architecture (factoring out half of the dims at each
-    scale and repeating the block on the rest) is not implemented; this is one scale.
 
     References:
         Dinh, Sohl-Dickstein and Bengio, Density estimation using Real NVP, 2016,
@@ -118,9 +161,11 @@ def realnvp(
         num_layers: couplings (vectors, default 4) or couplings per stage (images, default 3).
         hidden: hidden widths of each coupling's net (see :class:`~pyro_lvm.flows.AffineCoupling`).
         actnorm: put an ActNorm before each coupling (initialize it from data, see
-            :meth:`pyro_lvm.models.FlowModel.initialize`).
+            :func:`initialize_actnorm`).
         scale: ``"tanh"`` or ``"sigmoid"``, the couplings' log-scale.
         cache_size: 0 or 1, the layers' cache size.
+        num_scales: number of scales :math:`L \ge 1` (images only).
+        conv1x1: put a learnable invertible 1x1 convolution (Glow) before each coupling.
 
     Example:
         >>> import torch
@@ -138,6 +183,9 @@ def realnvp(
         ...     y = t(y)
         >>> torch.allclose(y, x, atol=1e-5)
         True
+        >>> two = realnvp((1, 8, 8), num_layers=2, hidden=(4,), num_scales=2)
+        >>> [type(t).__name__ for t in two][:2], two[0].split
+        (['FactorOut', 'AffineCoupling'], 2)
     """
     shape = _event_shape(event_shape)
     if num_layers is None:
@@ -146,6 +194,8 @@ def realnvp(
         raise ValueError(
             f"realnvp() needs num_layers >= 2 so that both parts are transformed; got {num_layers}."
         )
+    if not isinstance(num_scales, int) or num_scales < 1:
+        raise ValueError(f"realnvp() needs an int num_scales >= 1; got num_scales={num_scales!r}.")
     hidden = None if hidden is None else tuple(hidden)
 
     def block(ev: tuple[int, ...], mask: str) -> list[nn.Module]:
@@ -153,6 +203,8 @@ def realnvp(
         for k in range(num_layers):
             if actnorm:
                 out.append(ActNorm(ev[0], dim=-len(ev), cache_size=cache_size))
+            if conv1x1:
+                out.append(InvertibleConv1x1(ev[0], dim=-len(ev), cache_size=cache_size))
             out.append(
                 AffineCoupling(ev, hidden=hidden, mask=mask, parity=k % 2, scale=scale,
                                cache_size=cache_size)
@@ -160,17 +212,105 @@ def realnvp(
         return out
 
     if len(shape) == 1:
+        if num_scales != 1:
+            raise ValueError(
+                f"realnvp() on flat vectors has a single scale; got num_scales={num_scales}. "
+                "Use num_scales=1, or images (C, H, W) for the multi-scale architecture."
+            )
         return nn.ModuleList(block(shape, "half"))
     c, h, w = shape
-    if h % 2 or w % 2:
+    if num_scales == 1 and (h % 2 or w % 2):
         raise ValueError(
             f"realnvp() on images squeezes 2x2 blocks and needs even H and W; got event shape "
             f"{shape}. Pad or crop the images."
         )
-    # generative order: the reverse of data -> checkerboard -> squeeze -> channel -> base
-    channel = block((4 * c, h // 2, w // 2), "channel")
-    checker = block(shape, "checkerboard")
-    return nn.ModuleList(list(reversed(channel)) + [_DepthToSpace()] + list(reversed(checker)))
+    factor = 2**num_scales
+    if h % factor or w % factor:
+        fits = max(k for k in range(num_scales) if h % 2**k == 0 and w % 2**k == 0)
+        padded = tuple(-(-s // factor) * factor for s in (h, w))
+        raise ValueError(
+            f"realnvp() with num_scales={num_scales} squeezes {num_scales} times and needs H and W "
+            f"divisible by 2**{num_scales} = {factor}; got event shape {shape}. Pad the images to "
+            f"{padded[0]}x{padded[1]}"
+            + (f" or use num_scales <= {fits}." if fits >= 1 else ".")
+        )
+
+    def scale_stack(ev: tuple[int, int, int], level: int) -> list[nn.Module]:
+        """Generative list of scale ``level`` (1-based), from ``(4C, H/2, W/2)`` to ``ev = (C, H, W)``."""
+        ch, he, wi = ev
+        squeezed = (4 * ch, he // 2, wi // 2)
+        # data -> checkerboard -> squeeze -> channel [-> factor out half, next scale on the rest]
+        checker = block(ev, "checkerboard")
+        channel = block(squeezed, "channel")
+        gen = list(reversed(channel)) + [_DepthToSpace()] + list(reversed(checker))
+        if level < num_scales:
+            rest = (2 * ch, he // 2, wi // 2)
+            inner = [Squeeze()] + scale_stack(rest, level + 1)
+            gen = [FactorOut(inner, split=2 * ch, dim=-3, cache_size=cache_size)] + gen
+        return gen
+
+    return nn.ModuleList(scale_stack(shape, 1))
+
+
+@torch.no_grad()
+def initialize_actnorm(transforms: Sequence[Transform], x: torch.Tensor) -> torch.Tensor:
+    r"""Initialize every ActNorm (and NICE scaling) of a generative stack from data, data-to-base.
+
+    ``x`` is pushed through the inverse of ``transforms`` (a list in the generative
+    direction, base to data), entering every :class:`~pyro_lvm.flows.FactorOut` (at any
+    depth) on the part it transforms. Each :class:`~pyro_lvm.flows.ActNorm` met on the way,
+    :math:`y = x e^{\log s} + b` in the generative direction, is set from the values
+    :math:`h` that reach it so that its *inverse* output (towards the base) is standardized
+    per feature,
+
+    .. math::
+
+        \log s_c = \log \sigma_c(h), \qquad b_c = \mu_c(h), \qquad
+        \frac{h - b_c}{e^{\log s_c}} \text{ has mean 0 and standard deviation 1},
+
+    with the statistics over the batch and spatial dims. Each
+    :class:`~pyro_lvm.flows.DiagonalScaling` (NICE's last layer) gets
+    :math:`\log s_i = \log \mathrm{RMS}_i(h)`. All these layers are (re)initialized,
+    whether or not they were before.
+
+    References:
+        Kingma and Dhariwal, Glow, 2018, https://arxiv.org/abs/1807.03039 ;
+        Dinh, Sohl-Dickstein and Bengio, Density estimation using Real NVP, 2016,
+        https://arxiv.org/abs/1605.08803
+
+    Arguments:
+        transforms: the stack, in the generative direction (e.g. :func:`realnvp`'s list).
+        x: a data batch of shape ``(batch, *event_shape)``, with at least 2 values per feature.
+
+    Returns:
+        The base code :math:`u = f^{-1}(x)` under the initialized parameters.
+
+    Example:
+        >>> import torch
+        >>> layers = realnvp((1, 8, 8), num_layers=2, hidden=(4,), actnorm=True, num_scales=2)
+        >>> u = initialize_actnorm(layers, 3 * torch.randn(16, 1, 8, 8) + 1)
+        >>> u.shape, all(bool(m.initialized) for m in layers.modules() if isinstance(m, ActNorm))
+        (torch.Size([16, 4, 4, 4]), True)
+    """
+    h = x
+    for t in reversed(list(transforms)):
+        if isinstance(t, ActNorm):
+            t.initialize(h)  # log s = -log sigma, b = -mu / sigma: the forward map standardizes h
+            log_s = t.log_scale.detach().clone()
+            t.log_scale.data.copy_(-log_s)  # log sigma: the inverse map standardizes h
+            t.bias.data.mul_(-torch.exp(-log_s))  # mu
+            h = t.inv(h)
+        elif isinstance(t, DiagonalScaling):
+            t.initialize(h)  # log s = log RMS: the inverse map unit-scales h
+            h = t.inv(h)
+        elif isinstance(t, FactorOut):
+            kept, rest = t.parts(h)
+            rest = initialize_actnorm(t.layers, rest)
+            t.clear_cache()
+            h = torch.cat([kept, rest], dim=t.dim)
+        else:
+            h = t.inv(h)
+    return h
 
 
 class _DepthToSpace(TransformModule):

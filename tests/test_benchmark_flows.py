@@ -1,0 +1,72 @@
+"""Smoke test of ``benchmarks/flows.py``: a tiny run of its main function, without the optional peers."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+torch.set_num_threads(1)
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "flows.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("benchmark_flows", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def table_rows(out: str, names: list[str]) -> dict[str, list[str]]:
+    rows = {}
+    for line in out.splitlines():
+        for name in names:
+            if line.strip().startswith(name + " "):
+                rows[name] = line.strip()[len(name):].split()
+    return rows
+
+
+def test_quick_run_prints_finite_rows_and_skips_missing_peers(capsys, tmp_path, monkeypatch):
+    bench = load_script()
+    real_available = bench.available
+    monkeypatch.setattr(bench, "available", lambda p: False if p == "zuko" else real_available(p))
+    rst = tmp_path / "flows.rst"
+    status = bench.main([
+        "--quick", "--datasets", "moons", "--threads", "1", "--steps", "3", "--rounds", "2",
+        "--contestants", "pyro_lvm RealNVP", "Pyro AffineCoupling", "zuko RealNVP",
+        "--rst", str(rst),
+    ])
+    assert status == 0
+    out = capsys.readouterr().out
+    assert "note: skipping zuko RealNVP: zuko is not installed" in out
+    assert "two moons (D=2)" in out
+    names = ["pyro_lvm RealNVP", "Pyro AffineCoupling"]
+    rows = table_rows(out, names)
+    assert set(rows) == set(names) and "zuko RealNVP" not in table_rows(out, ["zuko RealNVP"])
+    for name, cells in rows.items():
+        # params, ms/step, (min-max), examples/s, ratio, test NLL, bits/dim ("-" for 2-d data)
+        params, ms, _, per_second, ratio, nll, bpd = cells[:7]
+        assert int(params) > 0
+        assert all(math.isfinite(float(v)) and float(v) > 0 for v in (ms, per_second, ratio))
+        assert math.isfinite(float(nll)) and bpd == "-"
+    assert float(rows["pyro_lvm RealNVP"][4]) == 1.0  # the reference's paired ratio to itself
+    # both trained the same number of steps: warmup + rounds x steps
+    assert "batch 64, 8 steps" in out
+    text = rst.read_text()
+    assert text.startswith("Flows: pyro_lvm against zuko, normflows and Pyro\n====")
+    assert "python benchmarks/flows.py --quick" in text and "torch.set_num_threads(1)" in text
+    assert "   * - pyro_lvm RealNVP" in text and "   * - Pyro AffineCoupling" in text
+
+
+def test_fresh_pyro_lvm_flow_is_the_identity_so_its_test_nll_is_the_standard_normals():
+    # With a zero last layer pyro_lvm's flow starts as the identity: its test NLL is the
+    # standard normal's, which checks the evaluation path (offsets, means) end to end.
+    bench = load_script()
+    data = bench.make_moons(64, 256)
+    results = bench.benchmark(data, [("pyro_lvm RealNVP", "RealNVP", "pyro_lvm")], layers=2, hidden=(8,),
+                              batch_size=16, steps=1, rounds=1, warmup=0, lr=0.0, seed=0)
+    expected = -torch.distributions.Normal(0.0, 1.0).log_prob(data.test).sum(-1).mean()
+    assert math.isclose(results["pyro_lvm RealNVP"]["nll"], float(expected), rel_tol=1e-5)
