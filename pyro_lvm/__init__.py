@@ -5,8 +5,12 @@ gradient (:func:`make_elbo`), a KL weight or schedule (:mod:`pyro_lvm.schedules`
 and train with :func:`fit` or ``pyro-lvm fit``.
 """
 
-from . import data, diagnostics, estimators, flows, guides, likelihoods, monitoring, nets, plots, schedules
+from . import (
+    data, diagnostics, estimators, evaluation, flows, guides, likelihoods, monitoring, nets, plots,
+    posterior_checks, schedules,
+)
 from .estimators import make_elbo
+from .evaluation import evaluate, log_likelihood
 from .guides import AmortizedGuide, PerDatapointGuide, SemiAmortizedGuide, with_global_autoguide
 from .models.conv_vae import ConvVAE
 from .models.cvae import ConditionalVAE, DeterministicBaseline
@@ -30,6 +34,8 @@ __all__ = [
     "fit",
     "elbo_terms",
     "make_elbo",
+    "evaluate",
+    "log_likelihood",
     "AmortizedGuide",
     "PerDatapointGuide",
     "SemiAmortizedGuide",
@@ -37,11 +43,13 @@ __all__ = [
     "data",
     "diagnostics",
     "estimators",
+    "evaluation",
     "flows",
     "guides",
     "likelihoods",
     "monitoring",
     "nets",
     "plots",
+    "posterior_checks",
     "schedules",
 ]

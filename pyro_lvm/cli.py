@@ -11,6 +11,11 @@ pictures.
 ``pyro-lvm gradient-variance`` reads the same configuration and prints the
 variance and signal-to-noise ratio of several estimators' gradients on its
 model and data (:func:`pyro_lvm.diagnostics.gradient_variance`).
+
+``pyro-lvm evaluate --ckpt RUN/checkpoints/X.ckpt`` prints and saves (JSON) the
+held-out log-likelihood of a trained run (:func:`pyro_lvm.evaluation.evaluate`);
+``pyro-lvm diagnose --ckpt ...`` writes pictures and a Markdown report on its
+approximate posterior (:mod:`pyro_lvm.posterior_checks`).
 """
 
 from __future__ import annotations
@@ -29,14 +34,17 @@ import re
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import pytorch_lightning as pl
+import numpy as np
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from .checkpoints import load_checkpoint
+from .checkpoints import load_checkpoint, load_run
 from .plots import (
+    _save_tiles,
+    as_images,
     plot_completions,
     plot_latent_usage,
     plot_interpolation,
@@ -49,7 +57,10 @@ from .plots import (
 )
 from .training import LVMModule
 
-__all__ = ["RunReport", "LVMCLI", "main", "gradient_variance_main", "DEFAULT_CONFIG"]
+__all__ = [
+    "RunReport", "LVMCLI", "main", "gradient_variance_main", "evaluate_main", "diagnose_main",
+    "instantiate_run", "DEFAULT_CONFIG",
+]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "default.yaml"
 
@@ -456,6 +467,416 @@ def gradient_variance_main(args: list[str]) -> None:
         print(f"Wrote {options.output}")
 
 
+# Keys that `pyro-lvm fit` writes into a run's config.yaml but that only its subcommand accepts.
+_RUN_ONLY_KEYS = ("ckpt_path", "weights_only")
+
+
+def instantiate_run(config: Union[str, os.PathLike]) -> tuple[LVMModule, pl.LightningDataModule]:
+    """The :class:`~pyro_lvm.LVMModule` and the data module that a ``pyro-lvm fit`` configuration names.
+
+    Parsed as ``pyro-lvm fit`` parses it (a run's ``config.yaml`` is accepted as written),
+    with a quiet ``Trainer`` (no logger, checkpoints or progress bar) that is built and not used.
+    """
+    import yaml
+
+    path = Path(config)
+    try:
+        values = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"Configuration {path} cannot be read ({err}). Pass the run's config.yaml.") from err
+    if not isinstance(values, dict) or "model" not in values:
+        raise ValueError(f"Configuration {path} has no 'model:' section; pass the config.yaml of a pyro-lvm fit run.")
+    for key in _RUN_ONLY_KEYS:
+        values.pop(key, None)
+    values["trainer"] = {
+        "logger": False, "enable_checkpointing": False, "enable_progress_bar": False,
+        "enable_model_summary": False, "callbacks": None,
+    }
+    with warnings.catch_warnings(), _quiet("pytorch_lightning", "lightning_fabric"):
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = LVMCLI(args=values, run=False, trainer_defaults={})
+    return cli.model, cli.datamodule
+
+
+def _run_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=prog, allow_abbrev=False, description=description)
+    parser.add_argument("--ckpt", required=True, metavar="RUN/checkpoints/X.ckpt", help="a checkpoint of a pyro-lvm fit run")
+    parser.add_argument(
+        "--config", default=None, metavar="FILE.yaml",
+        help="the run's configuration, for its data (and for a user's own model/guide pair); default RUN/config.yaml",
+    )
+    parser.add_argument("--split", choices=("test", "val"), default="test", help="the data split (default: %(default)s)")
+    parser.add_argument("--chunk-size", type=int, default=100, help="particles per vectorized run: bounds the memory (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=100, help="data points per vectorized run (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Monte-Carlo draws (default: %(default)s)")
+    return parser
+
+
+def _split_data(datamodule: pl.LightningDataModule, split: str, limit: Optional[int]) -> dict[str, torch.Tensor]:
+    """The split's batches concatenated: ``{"x": ..., other per-point keys}``, the first ``limit`` points."""
+    datamodule.setup("test" if split == "test" else "validate")
+    loader = getattr(datamodule, f"{split}_dataloader")()
+    parts: dict[str, list] = {}
+    count = 0
+    for batch in loader:
+        batch = batch if isinstance(batch, dict) else {"x": batch[0] if isinstance(batch, (tuple, list)) else batch}
+        for key, value in batch.items():
+            if isinstance(value, torch.Tensor):
+                parts.setdefault(key, []).append(value)
+        count += len(batch["x"])
+        if limit is not None and count >= limit:
+            break
+    if not parts:
+        raise ValueError(f"The data module's {split} split is empty; evaluate another split (--split).")
+    return {key: torch.cat(values)[:limit] for key, values in parts.items()}
+
+
+def _run_dir(ckpt: str) -> Path:
+    """``RUN`` for ``RUN/checkpoints/X.ckpt``; the checkpoint's folder otherwise."""
+    folder = Path(ckpt).resolve().parent
+    return folder.parent if folder.name == "checkpoints" else folder
+
+
+def _pair(module: torch.nn.Module) -> tuple[Callable, Callable, Any]:
+    """The model, the guide and the parameter scope to run them in, for a built-in model or an LVMModule."""
+    from .training import _accepting
+
+    if isinstance(module, LVMModule):
+        return module.objective.model, module.objective.guide, module._scope()
+    return _accepting(module.model), _accepting(module.guide), contextlib.nullcontext()
+
+
+def _kwargs(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: value for key, value in data.items() if key != "x"}
+
+
+def _load(parser: argparse.ArgumentParser, options: argparse.Namespace, need_data: bool = True):
+    for name in ("chunk_size", "batch_size"):
+        if getattr(options, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be a positive integer; got {getattr(options, name)}")
+    try:
+        return load_run(options.ckpt, options.config, need_data=need_data)
+    except FileNotFoundError as err:
+        parser.error(str(err))
+
+
+def evaluate_main(args: list[str]) -> dict[str, Any]:
+    """``pyro-lvm evaluate``: the held-out log-likelihood of a run, printed and saved as JSON.
+
+    The model is rebuilt from the checkpoint (:func:`pyro_lvm.checkpoints.load_run`), the
+    data from the run's ``config.yaml``; :func:`pyro_lvm.evaluation.evaluate` computes the
+    importance-sampled log-likelihood with its standard error, bits/dim, the ELBO and its
+    terms, the KL, active units and :math:`I(x; z)` (a flow: its exact log-likelihood).
+    Returns the saved numbers.
+
+    .. code-block:: console
+
+       $ pyro-lvm evaluate --ckpt runs/vae_digits/version_0/checkpoints/last.ckpt
+       $ pyro-lvm evaluate --ckpt RUN/checkpoints/last.ckpt --split val --num-particles 1000 --limit 500
+    """
+    from .evaluation import evaluate
+    from .models.flow import FlowModel
+
+    parser = _run_parser(
+        "pyro-lvm evaluate",
+        "Evaluate a trained run on held-out data: importance-sampled log-likelihood (IWAE estimate) "
+        "with its standard error, bits/dim, ELBO, reconstruction, KL, active units and I(x; z); "
+        "flows: the exact log-likelihood. Prints a table and writes JSON.",
+    )
+    parser.add_argument("--num-particles", type=int, default=5000, help="importance samples per data point (default: %(default)s)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N data points of the split only")
+    parser.add_argument("--output", default=None, metavar="FILE.json", help="default RUN/evaluate_<split>.json")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    options = parser.parse_args(args)
+    if options.num_particles < 1:
+        parser.error(f"--num-particles must be a positive integer; got {options.num_particles}")
+    if options.limit is not None and options.limit < 1:
+        parser.error(f"--limit must be a positive integer; got {options.limit}")
+    module, datamodule = _load(parser, options)
+    data = _split_data(datamodule, options.split, options.limit)
+    pl.seed_everything(options.seed, verbose=False)
+    common = dict(num_particles=options.num_particles, chunk_size=options.chunk_size,
+                  batch_size=options.batch_size, progress=options.progress)
+    flow = getattr(module, "lvm", module)
+    if isinstance(flow, FlowModel):
+        result = evaluate(flow, data["x"], **common)
+    else:
+        model, guide, scope = _pair(module)
+        with scope:
+            result = evaluate(model, data["x"], guide=guide, **common, **_kwargs(data))
+    numbers = {"checkpoint": str(Path(options.ckpt).resolve()), "split": options.split,
+               "model": type(flow).__name__, "flow": isinstance(flow, FlowModel), **result.as_dict()}
+    output = Path(options.output) if options.output else _run_dir(options.ckpt) / f"evaluate_{options.split}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(numbers, indent=2) + "\n")
+    print(_evaluation_table(numbers))
+    print(f"Wrote {output}")
+    return numbers
+
+
+def _evaluation_table(n: dict[str, Any]) -> str:
+    rows = [f"{n['model']} on {n['num_points']} {n['split']} points ({n['checkpoint']})"]
+    if n["flow"]:
+        rows += [f"  exact log-likelihood   {n['log_likelihood']:.3f} ± {n['log_likelihood_stderr']:.3f} nats per data point",
+                 f"  bits/dim               {n['bits_per_dim']:.4f}"]
+        return "\n".join(rows)
+    mi = n["mutual_information"]
+    rows += [
+        f"  log-likelihood         {n['log_likelihood']:.3f} ± {n['log_likelihood_stderr']:.3f} nats per data point "
+        f"(IWAE, K={n['num_particles']}; ± standard error across data points)",
+        f"  bits/dim               {n['bits_per_dim']:.4f}",
+        f"  ELBO                   {n['elbo']:.3f}",
+        f"  reconstruction         {n['reconstruction']:.3f}",
+        f"  KL                     {n['kl']:.3f}",
+        f"  active units           {n['active_units']} of {n['num_units']}",
+        f"  I(x; z)                {'n/a (several latent sites)' if mi is None else f'{mi:.3f} nats'}",
+    ]
+    return "\n".join(rows)
+
+
+def diagnose_main(args: list[str]) -> Path:
+    """``pyro-lvm diagnose``: pictures and a Markdown report on the approximate posterior of a run.
+
+    Writes into ``--output-dir`` (default ``RUN/diagnose``) ``report.md`` and the PNGs it
+    shows: the Pareto k-hat of each input's importance weights
+    (:func:`pyro_lvm.posterior_checks.psis_khat`) as a histogram, the inputs with the
+    largest k-hat, the KL per latent dimension (posterior collapse), and, where
+    :mod:`pyro_lvm.posterior_checks` provides them, the amortization gap, SBC rank
+    histograms and NUTS against the guide. A flow has no latent: the report says so.
+    Returns the report's path.
+
+    .. code-block:: console
+
+       $ pyro-lvm diagnose --ckpt runs/vae_digits/version_0/checkpoints/last.ckpt --num-inputs 200
+    """
+    from . import posterior_checks
+    from .models.flow import FlowModel
+
+    parser = _run_parser(
+        "pyro-lvm diagnose",
+        "Diagnose the approximate posterior q(z | x) of a trained run: PSIS k-hat per input and the worst "
+        "inputs, KL per latent dimension, and (where available) amortization gap, SBC and NUTS against q. "
+        "Writes PNGs and report.md.",
+    )
+    parser.add_argument("--num-inputs", type=int, default=100, metavar="N", help="inputs of the split to diagnose (default: %(default)s)")
+    parser.add_argument("--num-particles", type=int, default=1000, help="draws from q per input for k-hat (default: %(default)s)")
+    parser.add_argument("--num-worst", type=int, default=8, help="inputs with the largest k-hat to show (default: %(default)s)")
+    parser.add_argument("--output-dir", default=None, metavar="DIR", help="default RUN/diagnose")
+    parser.add_argument("--gap-inputs", type=int, default=16, help="inputs whose amortization gap is measured; 0 skips it (default: %(default)s)")
+    parser.add_argument("--gap-steps", type=int, default=300, help="optimization steps of each per-input q (default: %(default)s)")
+    parser.add_argument("--num-simulations", type=int, default=500, help="SBC simulations; 0 skips SBC (default: %(default)s)")
+    parser.add_argument(
+        "--nuts-inputs", type=int, default=2,
+        help="inputs compared with NUTS, the slowest check (seconds per input at the defaults for the digits "
+        "VAE on a CPU, minutes at 300 + 300 steps); 0 skips it (default: %(default)s)",
+    )
+    parser.add_argument("--nuts-samples", type=int, default=100, help="NUTS draws per chain (default: %(default)s)")
+    parser.add_argument("--nuts-warmup", type=int, default=100, help="NUTS warm-up steps per chain (default: %(default)s)")
+    options = parser.parse_args(args)
+    for name in ("num_inputs", "num_particles", "num_worst", "gap_inputs", "gap_steps", "num_simulations",
+                 "nuts_inputs", "nuts_samples", "nuts_warmup"):
+        least = {"num_particles": 2, "gap_inputs": 0, "num_simulations": 0, "nuts_inputs": 0}.get(name, 1)
+        if getattr(options, name) < least:
+            parser.error(f"--{name.replace('_', '-')} is too small; got {getattr(options, name)}")
+    module, datamodule = _load(parser, options)
+    out = Path(options.output_dir) if options.output_dir else _run_dir(options.ckpt) / "diagnose"
+    out.mkdir(parents=True, exist_ok=True)
+    lvm = getattr(module, "lvm", module)
+    lines = [f"# Posterior diagnostics of {type(lvm).__name__}", "",
+             f"Checkpoint: `{Path(options.ckpt).resolve()}`; {options.split} split.", ""]
+    if isinstance(lvm, FlowModel):
+        lines += ["A normalizing flow has no latent variable: its log-likelihood is exact, so there is no "
+                  "approximate posterior to diagnose (no k-hat, amortization gap, SBC or NUTS). "
+                  "Use `pyro-lvm evaluate` for its log-likelihood and bits/dim.", ""]
+        return _write_report(out, lines)
+    data = _split_data(datamodule, options.split, options.num_inputs)
+    x, kwargs = data["x"], _kwargs(data)
+    model, guide, scope = _pair(module)
+    pl.seed_everything(options.seed, verbose=False)
+    with scope:
+        lines += _khat_section(posterior_checks, model, guide, x, kwargs, options, out)
+        lines += _kl_section(model, guide, x, kwargs, options, out)
+        lines += _optional_sections(posterior_checks, lvm, x, options, out)
+    return _write_report(out, lines)
+
+
+def _write_report(out: Path, lines: list[str]) -> Path:
+    path = out / "report.md"
+    path.write_text("\n".join(lines).rstrip() + "\n")
+    print("\n".join(lines))
+    print(f"Wrote {path}")
+    return path
+
+
+def _khat_section(posterior_checks, model, guide, x, kwargs, options, out: Path) -> list[str]:
+    from matplotlib.figure import Figure
+
+    khat = posterior_checks.psis_khat(model, guide, x, num_particles=options.num_particles,
+                                      chunk_size=options.chunk_size, batch_size=options.batch_size, **kwargs)
+    finite = khat[torch.isfinite(khat)]
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    ax.hist(finite.numpy(), bins=30, color="C0")
+    for threshold, colour in ((0.5, "C1"), (0.7, "C3")):
+        ax.axvline(threshold, color=colour, linestyle="--", label=f"k = {threshold}")
+    ax.set_xlabel("Pareto k-hat of p(x, z) / q(z | x)")
+    ax.set_ylabel("inputs")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "khat_histogram.png", dpi=100)
+    n = len(khat)
+    good, ok, bad = int((khat < 0.5).sum()), int(((khat >= 0.5) & (khat <= 0.7)).sum()), int((khat > 0.7).sum())
+    lines = [
+        "## Pareto k-hat of the importance weights", "",
+        f"{n} inputs, {options.num_particles} draws from q(z | x) each (PSIS; Yao et al. 2018). "
+        "Below 0.5 the weights have a finite variance and the log-likelihood estimate is reliable; "
+        "above 0.7 q(z | x) misses posterior mass and importance sampling is unreliable.", "",
+        "| k-hat | inputs |", "|---|---|",
+        f"| < 0.5 (good) | {good} ({100 * good / n:.0f}%) |",
+        f"| 0.5 - 0.7 (slow) | {ok} ({100 * ok / n:.0f}%) |",
+        f"| > 0.7 (unreliable) | {bad} ({100 * bad / n:.0f}%) |", "",
+        "![k-hat histogram](khat_histogram.png)", "",
+    ]
+    worst = torch.argsort(torch.nan_to_num(khat, neginf=-1e9), descending=True)[:options.num_worst]
+    lines += ["Inputs with the largest k-hat (index in the split: k-hat): "
+              + ", ".join(f"{int(i)}: {float(khat[i]):.2f}" for i in worst) + ".", ""]
+    try:
+        tiles = as_images(x[worst])
+        _save_tiles(tiles[None], out / "worst_inputs.png", col_labels=[f"{float(khat[i]):.2f}" for i in worst],
+                    title="inputs with the largest k-hat")
+        lines += ["![worst inputs](worst_inputs.png)", ""]
+    except (ValueError, RuntimeError) as err:  # data that are not images
+        lines += [f"(The worst inputs are not drawn: {err})", ""]
+    (out / "khat.json").write_text(json.dumps([float(k) for k in khat]) + "\n")
+    return lines
+
+
+def _kl_section(model, guide, x, kwargs, options, out: Path) -> list[str]:
+    from matplotlib.figure import Figure
+
+    from .evaluation import evaluate
+
+    # a few particles suffice: only the guide's KL per dimension and its activity are drawn
+    result = evaluate(model, x, guide=guide, num_particles=2, chunk_size=2, batch_size=options.batch_size, **kwargs)
+    lines = ["## KL per latent dimension (posterior collapse)", ""]
+    if not result.kl_per_dim:
+        return lines + ["No local latent site with a KL per dimension to show.", ""]
+    for site, kl in result.kl_per_dim.items():
+        values = kl.flatten()
+        fig = Figure(figsize=(max(4.0, 0.25 * len(values) + 1.5), 3.0))
+        ax = fig.subplots()
+        ax.bar(range(len(values)), values.numpy(), color="C0")
+        ax.set_xlabel(f"dimension of {site}")
+        ax.set_ylabel("KL (nats per data point)")
+        ax.set_title(f"KL per dimension of {site}: {result.active_units} of {result.num_units} units active", fontsize=9)
+        fig.tight_layout()
+        name = f"kl_per_dim_{re.sub(r'[^A-Za-z0-9_]', '_', site)}.png"
+        fig.savefig(out / name, dpi=100)
+        collapsed = int((values < 0.01).sum())
+        lines += [f"Site `{site}`: total KL {float(values.sum()):.3f} nats, {collapsed} of {len(values)} "
+                  "dimensions with KL below 0.01 nats (collapsed).", "", f"![KL per dimension]({name})", ""]
+    lines += [f"Active units: {result.active_units} of {result.num_units}.", ""]
+    return lines
+
+
+def _optional_sections(posterior_checks, lvm, x, options, out: Path) -> list[str]:
+    """Amortization gap, SBC and NUTS against q, where :mod:`pyro_lvm.posterior_checks` has them (built-in models)."""
+    sections = (
+        ("Amortization gap", "amortization_gap", _gap_section, "gap_inputs"),
+        ("Simulation-based calibration", "sbc", _sbc_section, "num_simulations"),
+        ("NUTS against the guide", "compare_with_nuts", _nuts_section, "nuts_inputs"),
+    )
+    lines = []
+    for title, name, section, count in sections:
+        lines += [f"## {title}", ""]
+        fn = getattr(posterior_checks, name, None)
+        if getattr(options, count) == 0:
+            lines += [f"Skipped (--{count.replace('_', '-')} 0).", ""]
+        elif fn is None:
+            lines += [f"Not available: this pyro_lvm has no posterior_checks.{name}.", ""]
+        elif isinstance(lvm, LVMModule):
+            lines += [f"Not run: posterior_checks.{name} needs a built-in model (p(z), p(x | z) and q(z | x) "
+                      "as methods); this run trained a model/guide pair of its own.", ""]
+        else:
+            try:
+                lines += section(posterior_checks, lvm, x, options, out)
+            except (ValueError, NotImplementedError) as err:  # e.g. a discrete latent
+                lines += [f"Not run for this model: {err}", ""]
+    return lines
+
+
+def _gap_section(posterior_checks, lvm, x, options, out: Path) -> list[str]:
+    from matplotlib.figure import Figure
+
+    x = x[: options.gap_inputs]
+    gap = posterior_checks.amortization_gap(
+        lvm, x, num_steps=options.gap_steps, eval_particles=options.num_particles,
+        log_likelihood_particles=options.num_particles, chunk_size=options.chunk_size,
+        history_every=max(1, options.gap_steps // 50),
+    )
+    fig = Figure(figsize=(5, 3.2))
+    ax = fig.subplots()
+    ax.plot(gap.history["step"], gap.history["inference_gap"], color="C0")
+    ax.axhline(0.0, color="0.5", lw=0.8)
+    ax.set_xlabel("optimization step of the per-input q_i")
+    ax.set_ylabel("log p(x) - ELBO (nats)")
+    ax.set_title("the inference gap closing as q_i is refined", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "amortization_gap.png", dpi=100)
+    means = gap.summary()
+    rows = [f"| {key} | {means[key]:.4g} |" for key in
+            ("log_likelihood", "elbo_amortized", "elbo_optimized", "amortization_gap", "approximation_gap", "inference_gap")
+            if key in means]
+    return [
+        f"First {len(x)} inputs, per-input Gaussian q_i refined from the encoder's output for {options.gap_steps} "
+        "steps (Cremer et al. 2018). Means over inputs, nats:", "",
+        "| quantity | mean |", "|---|---|", *rows, "", "![amortization gap](amortization_gap.png)", "",
+    ]
+
+
+def _sbc_section(posterior_checks, lvm, x, options, out: Path) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    result = posterior_checks.sbc(lvm, num_simulations=options.num_simulations, num_draws=99, num_bins=20)
+    fig = posterior_checks.plot_sbc(result, str(out / "sbc_ranks.png"))
+    plt.close(fig)
+    p_values = result.p_values.flatten()
+    small = int((p_values < 0.01).sum())
+    return [
+        f"{options.num_simulations} simulations z ~ p(z), x ~ p(x | z), ranks of z among 99 draws of q(z | x) "
+        f"(Talts et al. 2018). Chi-square test of uniform ranks: {small} of {len(p_values)} latent dimensions "
+        f"with p < 0.01 (smallest p = {float(p_values.min()):.2g}).", "",
+        "![SBC rank histograms](sbc_ranks.png)", "",
+    ]
+
+
+def _nuts_section(posterior_checks, lvm, x, options, out: Path) -> list[str]:
+    from matplotlib.figure import Figure
+
+    x = x[: options.nuts_inputs]
+    result = posterior_checks.compare_with_nuts(
+        lvm, x, num_samples=options.nuts_samples, warmup_steps=options.nuts_warmup,
+        guide_samples=max(options.nuts_samples, 100),
+    )
+    table = result.table
+    fig = Figure(figsize=(max(4.0, 0.35 * len(table) + 1.5), 3.2))
+    ax = fig.subplots()
+    positions = np.arange(len(table))
+    ax.errorbar(positions - 0.1, table["nuts_mean"], yerr=table["nuts_sd"], fmt="o", label="NUTS", color="C0")
+    ax.errorbar(positions + 0.1, table["guide_mean"], yerr=table["guide_sd"], fmt="s", label="q(z | x)", color="C1")
+    ax.set_xticks(positions, [f"x{o} z{d}" for o, d in zip(table["obs"], table["latent"])], fontsize=7, rotation=90)
+    ax.set_ylabel("posterior mean ± sd")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "nuts_vs_guide.png", dpi=100)
+    return [
+        f"NUTS on p(z | x) with the trained decoder for the first {len(x)} inputs ({options.nuts_samples} draws "
+        f"after {options.nuts_warmup} warm-up steps per chain) against q(z | x):", "",
+        "```", table.to_string(index=False, float_format=lambda v: f"{v:.3g}"), "```", "",
+        "![NUTS against the guide](nuts_vs_guide.png)", "",
+    ]
+
+
 def main(args: Optional[list[str]] = None) -> None:
     """Entry point of the ``pyro-lvm`` console script."""
     # Version-compatibility notices between Lightning, jsonargparse and torch that a
@@ -466,6 +887,12 @@ def main(args: Optional[list[str]] = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["gradient-variance"]:  # not a Trainer subcommand: LightningCLI does not know it
         gradient_variance_main(argv[1:])
+        return
+    if argv[:1] == ["evaluate"]:
+        evaluate_main(argv[1:])
+        return
+    if argv[:1] == ["diagnose"]:
+        diagnose_main(argv[1:])
         return
     LVMCLI(args=args)
 

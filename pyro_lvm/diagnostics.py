@@ -1,4 +1,10 @@
-r"""Diagnostics of gradient estimators: the variance and signal-to-noise ratio of ELBO gradients."""
+r"""Diagnostics: the variance and signal-to-noise ratio of ELBO gradients, and checks of the posterior.
+
+:func:`gradient_variance` compares estimators; :func:`psis_khat`, :func:`amortization_gap`,
+:func:`compare_with_nuts`, :func:`sbc` and :func:`to_inference_data` (from
+:mod:`pyro_lvm.posterior_checks`) ask how wrong the guide :math:`q(z \mid x)` is, for which
+inputs and why, and export its draws to ArviZ.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +22,25 @@ from pyro.util import get_rng_state, set_rng_state
 from torch import nn
 
 from .estimators import make_elbo
+from .posterior_checks import (
+    AmortizationGap,
+    NutsComparison,
+    SBCResult,
+    amortization_gap,
+    compare_with_nuts,
+    plot_sbc,
+    psis_khat,
+    sbc,
+    to_inference_data,
+    wasserstein_1d,
+)
 from .training import LVMModule
 
-__all__ = ["gradient_variance", "format_table", "COLUMNS"]
+__all__ = [
+    "gradient_variance", "format_table", "COLUMNS", "psis_khat", "to_inference_data",
+    "amortization_gap", "AmortizationGap", "compare_with_nuts", "NutsComparison", "wasserstein_1d",
+    "sbc", "SBCResult", "plot_sbc",
+]
 
 #: Columns of the table that :func:`gradient_variance` returns, in order.
 COLUMNS = (

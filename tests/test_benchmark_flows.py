@@ -40,6 +40,10 @@ def test_quick_run_prints_finite_rows_and_skips_missing_peers(capsys, tmp_path, 
         "--rst", str(rst),
     ])
     assert status == 0
+    # the process-wide settings it changes are restored for the code that runs next
+    import pyro.infer.util
+
+    assert pyro.infer.util.is_validation_enabled() and torch.get_num_threads() == 1
     out = capsys.readouterr().out
     assert "note: skipping zuko RealNVP: zuko is not installed" in out
     assert "two moons (D=2)" in out

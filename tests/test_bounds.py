@@ -9,6 +9,7 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
+from linear_gaussian import linear_gaussian, make_model
 from torch.distributions import MultivariateNormal
 
 from pyro_lvm.estimators import make_elbo
@@ -18,23 +19,11 @@ K, D, S, N = 2, 3, 0.7, 4
 
 @pytest.fixture(scope="module")
 def lg():
-    g = torch.Generator().manual_seed(0)
-    W = torch.randn(D, K, dtype=torch.float64, generator=g)
-    b = torch.randn(D, dtype=torch.float64, generator=g)
-    x = torch.randn(N, D, dtype=torch.float64, generator=g)
-    marginal = MultivariateNormal(b, W @ W.T + S**2 * torch.eye(D, dtype=torch.float64))
-    loc = torch.randn(N, K, dtype=torch.float64, generator=g)
-    scale = 0.3 + torch.rand(N, K, dtype=torch.float64, generator=g)
-    return dict(W=W, b=b, x=x, log_px=marginal.log_prob(x), loc=loc, scale=scale)
-
-
-def make_model(lg):
-    def model(x):
-        with pyro.plate("data", x.shape[0]):
-            z = pyro.sample("z", dist.Normal(torch.zeros(K, dtype=x.dtype), 1.0).to_event(1))
-            pyro.sample("x", dist.Normal(z @ lg["W"].T + lg["b"], S).to_event(1), obs=x)
-
-    return model
+    lg = linear_gaussian(K, D, S, N)
+    g = lg["generator"]
+    lg["loc"] = torch.randn(N, K, dtype=torch.float64, generator=g)
+    lg["scale"] = 0.3 + torch.rand(N, K, dtype=torch.float64, generator=g)
+    return lg
 
 
 def make_guide(loc, log_scale):

@@ -332,7 +332,8 @@ class AdditiveCoupling(_Coupling):
 def _log_scale(raw: torch.Tensor, scale: str, scale_factor: torch.Tensor | None) -> torch.Tensor:
     if scale == "tanh":
         return scale_factor * torch.tanh(raw)
-    return F.logsigmoid(raw + 2.0)
+    # Glow's scale, in the data-to-base direction that log_prob evaluates: x = (y - t) sigmoid(r + 2)
+    return -F.logsigmoid(raw + 2.0)
 
 
 class AffineCoupling(_Coupling):
@@ -351,9 +352,12 @@ class AffineCoupling(_Coupling):
     Two stable log-scales :math:`\sigma`: ``scale="tanh"`` (default, RealNVP's code)
     :math:`s = c \tanh(r)` with a learnable per-entry factor :math:`c` initialised at 1,
     so :math:`\lvert s\rvert \le \lvert c\rvert`; ``scale="sigmoid"`` (Glow)
-    :math:`e^{s} = \operatorname{sigmoid}(r + 2)`, a scale in :math:`(0, 1)` computed
-    in log space (a fresh sigmoid layer scales by :math:`\operatorname{sigmoid}(2)
-    \approx 0.88` rather than being the identity).
+    :math:`e^{-s} = \operatorname{sigmoid}(r + 2)`: the data-to-base map, the one
+    ``log_prob`` evaluates in training, multiplies by a factor in :math:`(0, 1)` and never
+    divides by a small number (computed in log space; a fresh sigmoid layer scales by
+    :math:`1/\operatorname{sigmoid}(2) \approx 1.13` rather than being the identity). The
+    sigmoid layer can only contract towards the base, so, as in Glow, pair it with
+    :class:`~pyro_lvm.flows.ActNorm` (``realnvp(..., actnorm=True)``), which learns the scales.
 
     References:
         Dinh, Sohl-Dickstein and Bengio, Density estimation using Real NVP, 2016,

@@ -302,7 +302,7 @@ class FlowModel(PyroModule):
 
         .. math::
 
-            \log P(x) \ \ge\ \log rac1S \sum_{s=1}^S pig(y^{(s)}ig) - D \log K,
+            \log P(x) \ \ge\ \log \frac1S \sum_{s=1}^S p\big(y^{(s)}\big) - D \log K,
             \qquad y^{(s)} = \mathrm{dequantize}(x),
 
         which is the usual one-draw bound for :math:`S = 1` and tightens as :math:`S` grows.
