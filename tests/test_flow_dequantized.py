@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import pyro_lvm
+from flow_checks import perturb
 from pyro_lvm.cli import main
 from pyro_lvm.data import DigitsDataModule
 from pyro_lvm.models.flow import FlowModel
@@ -21,11 +22,7 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 
 
 def perturbed(flow: FlowModel, seed: int = 0, size: float = 0.3) -> FlowModel:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in flow.parameters():
-            p.add_(size * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return flow
+    return perturb(flow, size, seed)
 
 
 def grid_data(levels: int, n: int, dim: int = 2) -> torch.Tensor:

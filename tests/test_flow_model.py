@@ -10,7 +10,9 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
+import flow_checks
 import pyro_lvm
+from flow_checks import autograd_logdet, forward
 from pyro_lvm.flows import ActNorm, AdditiveCoupling, AffineCoupling, DiagonalScaling
 from pyro_lvm.flows import bits_per_dim as flows_bits_per_dim
 from pyro_lvm.flows.stacks import nice, realnvp
@@ -18,27 +20,7 @@ from pyro_lvm.models.flow import FlowModel
 
 
 def perturb(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its (identity) initialization so that the checks can fail."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn_like(p))
-    return module
-
-
-def total_logdet(layers, u):
-    """Forward pass through ``layers`` with the summed log|det J| of each layer."""
-    ld = 0.0
-    for t in layers:
-        y = t(u)
-        ld = ld + t.log_abs_det_jacobian(u, y)
-        u = y
-    return u, ld
-
-
-def autograd_logdet(f, u):
-    jac = torch.autograd.functional.jacobian(lambda v: f(v.reshape(u.shape)).reshape(-1), u.reshape(-1))
-    return torch.linalg.slogdet(jac)
+    return flow_checks.perturb(module, std, seed, generator=False)
 
 
 # ----- training against a density known exactly ------------------------------------
@@ -90,7 +72,7 @@ def test_log_prob_is_transformed_distribution_and_change_of_variables(name, shap
     # by hand: log N(u) - sum_k log|det J_k| along the generative pass from u = f^{-1}(x)
     u = flow.inverse(x)
     assert u.shape == (5,) + tuple(flow.base_shape)
-    x_again, ld = total_logdet(flow.transforms, u)
+    x_again, ld = forward(flow.transforms, u)
     assert torch.allclose(x_again, x, atol=1e-8)
     base = -0.5 * (u ** 2).flatten(1).sum(-1) - 0.5 * u[0].numel() * math.log(2 * math.pi)
     assert torch.allclose(lp, base - ld, atol=1e-8)
@@ -113,7 +95,7 @@ def test_nice_log_det_is_the_diagonal_scaling_only():
     assert [type(t) for t in layers] == [AdditiveCoupling] * 4 + [DiagonalScaling]
     assert [t.parity for t in layers[:4]] == [0, 1, 0, 1]
     u = torch.randn(3, 5, dtype=torch.float64)
-    x, ld = total_logdet(layers, u)
+    x, ld = forward(layers, u)
     scaling = layers[-1].log_scale.sum()
     assert not torch.allclose(x, u)
     assert torch.allclose(ld, scaling.expand(3))
@@ -136,7 +118,7 @@ def test_realnvp_image_stack_round_trip(shape):
     for t in reversed(layers):
         u = t.inv(u)
     assert u.shape == (2, 4 * c, h // 2, w // 2)
-    y, ld = total_logdet(layers, u)
+    y, ld = forward(layers, u)
     assert not torch.allclose(y.flatten(1), u.flatten(1))
     assert torch.allclose(y, x, atol=1e-8)
     assert ld.shape == (2,)
@@ -227,7 +209,7 @@ def test_vector_stacks_round_trip_and_log_det_property(name, dim, num_layers, se
     layers = perturb(nice(dim, num_layers, hidden=(6,)) if name == "nice"
                      else realnvp(dim, num_layers, hidden=(6,)), seed=seed).double()
     u = torch.randn(2, dim, dtype=torch.float64)
-    x, ld = total_logdet(layers, u)
+    x, ld = forward(layers, u)
     back = x
     for t in reversed(layers):
         back = t.inv(back)

@@ -9,44 +9,13 @@ import pytest
 import torch
 from hypothesis import assume, given, settings, strategies as st
 
+from flow_checks import autograd_logdet, forward, inverse, perturb
 from pyro_lvm.flows.coupling import AdditiveCoupling, AffineCoupling
 from pyro_lvm.flows.layers import ActNorm, DiagonalScaling, InvertibleConv1x1, Squeeze
 from pyro_lvm.flows.multiscale import FactorOut
 from pyro_lvm.flows.stacks import _DepthToSpace, initialize_actnorm, nice, realnvp
 
 torch.set_num_threads(1)
-
-
-def perturb(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
-    """Move every parameter off its (identity) initialization so that the checks can fail."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(std * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return module
-
-
-def forward(layers, u):
-    """Generative pass through ``layers`` with the summed log|det J|."""
-    ld = 0.0
-    for t in layers:
-        x = t(u)
-        ld = ld + t.log_abs_det_jacobian(u, x)
-        u = x
-    return u, ld
-
-
-def inverse(layers, x):
-    for t in reversed(list(layers)):
-        x = t.inv(x)
-    return x
-
-
-def autograd_logdet(f, u_event):
-    jac = torch.autograd.functional.jacobian(
-        lambda v: f(v.reshape(u_event.shape)).reshape(-1), u_event.reshape(-1)
-    )
-    return torch.linalg.slogdet(jac)
 
 
 def base_shape(shape, layers):
