@@ -136,24 +136,36 @@ def _chunks(num_particles: int, chunk_size: int) -> Iterator[int]:
     yield from [chunk_size] * full + ([rest] if rest else [])
 
 
+def _runs(
+    model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int,
+    batch_size: int, data_plate: str, kwargs: dict,
+) -> Iterator[tuple[int, Iterator[tuple]]]:
+    """Per batch of data points, its size and an iterator over its chunks of particles, each
+    ``(runner, weights, model_trace, guide_trace)`` (``runner.num_particles`` is the chunk's size)."""
+    runner = _ImportanceWeights(num_particles=min(chunk_size, num_particles), data_plate=data_plate)
+
+    def chunks(xb: torch.Tensor, kw: dict) -> Iterator[tuple]:
+        for size in _chunks(num_particles, chunk_size):
+            runner.num_particles = size
+            yield (runner, *runner.run(model, guide, (xb,), kw))
+
+    for start in range(0, len(x), batch_size):
+        xb = x[start:start + batch_size]
+        yield len(xb), chunks(xb, _batch_kwargs(kwargs, start, start + batch_size, len(x)))
+
+
 def _stream(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int,
     batch_size: int, progress: bool, data_plate: str, kwargs: dict, reconstruction: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Per data point, running sums over all particles: ``lse`` (log sum w), ``lse2``
     (log sum w^2), ``sum``/``sum2`` (of log w - shift), ``shift`` and ``recon`` (sum of log p(x | z))."""
-    runner = _ImportanceWeights(num_particles=min(chunk_size, num_particles), data_plate=data_plate)
     out: dict[str, list] = {"lse": [], "lse2": [], "sum": [], "sum2": [], "shift": [], "recon": []}
-    batches = range(0, len(x), batch_size)
-    chunks = list(_chunks(num_particles, chunk_size))
-    bar = _progress(None, progress, "log p(x)", total=len(batches) * len(chunks)) if progress else None
-    for start in batches:
-        xb = x[start:start + batch_size]
-        kw = _batch_kwargs(kwargs, start, start + batch_size, len(x))
+    total = -(-len(x) // batch_size) * -(-num_particles // chunk_size)
+    bar = _progress(None, progress, "log p(x)", total=total) if progress else None
+    for _, runs in _runs(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs):
         acc: Optional[dict[str, torch.Tensor]] = None
-        for size in chunks:
-            runner.num_particles = size
-            weights, model_trace, guide_trace = runner.run(model, guide, (xb,), kw)
+        for runner, weights, model_trace, guide_trace in runs:
             log_w = _per_point(weights, weights.joint()).double()
             # moments of log w about a per-point shift: no cancellation when log w barely varies
             shift = log_w[0] if acc is None else acc["shift"]

@@ -15,7 +15,7 @@ from pyro import poutine
 
 from .estimators.base import latent_sites
 from .evaluation import (
-    _batch_kwargs, _chunks, _ImportanceWeights, _per_point, _reconstruction, _resolve_pair, log_likelihood,
+    _chunks, _per_point, _reconstruction, _resolve_pair, _runs, log_likelihood,
 )
 
 __all__ = [
@@ -46,7 +46,7 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     log_weights = np.asarray(log_weights, dtype=np.float64)
     # equal weights (q is the exact posterior) leave no tail to fit: bounded weights, k = -inf
     flat = np.ptp(log_weights, axis=-1) <= 1e-9 * (1.0 + np.abs(log_weights).max(axis=-1))
-    smoothed = log_weights - _logsumexp(log_weights)[..., None]
+    smoothed = log_weights - np.logaddexp.reduce(log_weights, axis=-1, keepdims=True)
     khat = np.full(log_weights.shape[:-1], -np.inf)
     rows = ~flat
     if rows.any():
@@ -61,25 +61,16 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return smoothed, khat
 
 
-def _logsumexp(a: np.ndarray) -> np.ndarray:
-    top = a.max(axis=-1, keepdims=True)
-    return (top + np.log(np.exp(a - top).sum(axis=-1, keepdims=True)))[..., 0]
-
-
 def _draws(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int,
     batch_size: int, data_plate: str, kwargs: dict, keep_latents: bool,
 ) -> dict[str, Any]:
     """Per data point, ``num_particles`` log weights (and optionally the draws and log p(x | z))."""
-    runner = _ImportanceWeights(num_particles=min(chunk_size, num_particles), data_plate=data_plate)
     log_w, recon, latents = [], [], {}
-    for start in range(0, len(x), batch_size):
-        xb = x[start:start + batch_size]
-        kw = _batch_kwargs(kwargs, start, start + batch_size, len(x))
+    for n, runs in _runs(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs):
         parts_w, parts_r, parts_z = [], [], {}
-        for size in _chunks(num_particles, chunk_size):
-            runner.num_particles = size
-            weights, model_trace, guide_trace = runner.run(model, guide, (xb,), kw)
+        for runner, weights, model_trace, guide_trace in runs:
+            size = runner.num_particles
             parts_w.append(_per_point(weights, weights.joint()).double())
             if keep_latents:
                 parts_r.append(_reconstruction(runner, weights, model_trace, guide_trace))
@@ -87,7 +78,7 @@ def _draws(
                     value = site["value"]
                     # (K, ..., B, *event) -> (K, B, prod(event))
                     event = len(site["fn"].event_shape)
-                    value = value.reshape(value.shape[:1] + (len(xb), -1)) if event else value.reshape(size, len(xb), 1)
+                    value = value.reshape(value.shape[:1] + (n, -1)) if event else value.reshape(size, n, 1)
                     parts_z.setdefault(name, []).append(value.double())
         log_w.append(torch.cat(parts_w))
         if keep_latents:

@@ -34,6 +34,7 @@ def test_quick_run_prints_finite_rows_and_skips_missing_peers(capsys, tmp_path, 
     real_available = bench.available
     monkeypatch.setattr(bench, "available", lambda p: False if p == "zuko" else real_available(p))
     rst = tmp_path / "flows.rst"
+    torch.set_num_threads(2)  # main runs with --threads 1 and must give the 2 back
     status = bench.main([
         "--quick", "--datasets", "moons", "--threads", "1", "--steps", "3", "--rounds", "2",
         "--contestants", "pyro_lvm RealNVP", "Pyro AffineCoupling", "zuko RealNVP",
@@ -43,7 +44,8 @@ def test_quick_run_prints_finite_rows_and_skips_missing_peers(capsys, tmp_path, 
     # the process-wide settings it changes are restored for the code that runs next
     import pyro.infer.util
 
-    assert pyro.infer.util.is_validation_enabled() and torch.get_num_threads() == 1
+    assert pyro.infer.util.is_validation_enabled() and torch.get_num_threads() == 2
+    torch.set_num_threads(1)
     out = capsys.readouterr().out
     assert "note: skipping zuko RealNVP: zuko is not installed" in out
     assert "two moons (D=2)" in out
