@@ -21,6 +21,7 @@ from torch import nn
 from .checkpoints import load_checkpoint
 from .data import TensorDataModule
 from .estimators import BetaMixin, make_elbo
+from .estimators.fast import FastLoss, fast_path_blocker
 from .estimators.kl_control import Capacity, KLControl
 from .monitoring import LatentMonitor
 from .schedules import Constant, Schedule
@@ -177,6 +178,13 @@ class LVMModule(pl.LightningModule):
             ``val/beta`` and the KL per dimension, writes ``latent_stats.csv`` into the
             run folder, and warns (:class:`~pyro_lvm.monitoring.PosteriorCollapseWarning`)
             when the posterior collapses.
+        fast_step: for a built-in model (whose ``model`` and ``guide`` are its own) with
+            the ``"reparam"`` or ``"analytic_kl"`` estimator and one particle, compute
+            the training loss after the first step without Pyro's tracing
+            (:class:`pyro_lvm.estimators.fast.FastLoss`): the same loss, gradients and random
+            draws for the same seed, with Pyro's argument checks run once instead of every
+            step (the data are still checked every batch). Other pairs and estimators run
+            through Pyro whatever this says; ``fast_path_blocker`` names the reason.
 
     Example:
         >>> from pyro_lvm import VAE
@@ -197,6 +205,7 @@ class LVMModule(pl.LightningModule):
         estimator_options: Optional[dict[str, Any]] = None,
         kl_control: Optional[KLControl] = None,
         latent_monitor: Union[bool, LatentMonitor] = True,
+        fast_step: bool = True,
     ):
         super().__init__()
         if _is_pair(model):
@@ -277,6 +286,12 @@ class LVMModule(pl.LightningModule):
         self.lr = lr
         # each callable gets the batch keys it accepts ("index" for a per-datapoint guide, ...)
         self.objective = ELBOModule(_accepting(model), _accepting(guide), estimator)
+        lvm = getattr(self, "lvm", None)
+        self.fast_step = fast_step
+        self.fast_path_blocker = fast_path_blocker(lvm, guide, estimator) if fast_step else "fast_step=False"
+        self._fast = FastLoss(lvm, estimator) if self.fast_path_blocker is None else None
+        self._model_keys = _call_spec(model)[0] if self._fast is not None else set()
+        self._pyro_steps = 0  # training losses computed through Pyro (the first one checks everything)
         self.pyro_params = nn.ParameterDict()
         self._param_state: dict = {"params": {}, "constraints": {}}
         self._initialized = False
@@ -374,10 +389,23 @@ class LVMModule(pl.LightningModule):
 
     # ----- steps -------------------------------------------------------------------
     def forward(self, batch: Any) -> torch.Tensor:
-        """The training loss ``-ELBO_beta`` per data point, differentiable."""
+        """The training loss ``-ELBO_beta`` per data point, differentiable.
+
+        For a built-in model with the ``"reparam"`` or ``"analytic_kl"`` estimator, every
+        call after the first computes the same loss without Pyro's tracing
+        (:class:`pyro_lvm.estimators.fast.FastLoss`; see ``fast_step``).
+        """
         args, kwargs, batch_size = self._inputs(batch)
+        if (
+            self._fast is not None and self._pyro_steps > 0 and len(args) == 1
+            and not self._model_keys.intersection(kwargs)
+        ):
+            with self._scope():
+                return self._fast(args[0]) / batch_size
         with self._scope():
-            return self.objective(*args, **kwargs) / batch_size
+            loss = self.objective(*args, **kwargs) / batch_size
+        self._pyro_steps += 1
+        return loss
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         beta = self.beta_schedule(self.global_step)
