@@ -640,9 +640,12 @@ def diagnose_main(args: list[str]) -> Path:
     Writes into ``--output-dir`` (default ``RUN/diagnose``) ``report.md`` and the PNGs it
     shows: the Pareto k-hat of each input's importance weights
     (:func:`pyro_lvm.posterior_checks.psis_khat`) as a histogram, the inputs with the
-    largest k-hat, the KL per latent dimension (posterior collapse), and, where
-    :mod:`pyro_lvm.posterior_checks` provides them, the amortization gap, SBC rank
-    histograms and NUTS against the guide. A flow has no latent: the report says so.
+    largest k-hat, the KL per latent dimension (posterior collapse), the amortization gap,
+    SBC rank histograms and NUTS against the guide (:mod:`pyro_lvm.posterior_checks`), on
+    any run: a built-in model's pair (several latent sites, a conditional model given the
+    split's ``y`` and ``mask``, a flow posterior) or a user's own. A check that cannot work
+    on the model says why in the report (NUTS and the gap on a discrete latent). A flow has
+    no latent: the report says so.
     Returns the report's path.
 
     .. code-block:: console
@@ -696,7 +699,7 @@ def diagnose_main(args: list[str]) -> Path:
     with scope:
         lines += _khat_section(posterior_checks, model, guide, x, kwargs, options, out)
         lines += _kl_section(model, guide, x, kwargs, options, out)
-        lines += _optional_sections(posterior_checks, lvm, x, options, out)
+        lines += _optional_sections(posterior_checks, model, guide, x, kwargs, options, out)
     return _write_report(out, lines)
 
 
@@ -779,8 +782,13 @@ def _kl_section(model, guide, x, kwargs, options, out: Path) -> list[str]:
     return lines
 
 
-def _optional_sections(posterior_checks, lvm, x, options, out: Path) -> list[str]:
-    """Amortization gap, SBC and NUTS against q, where :mod:`pyro_lvm.posterior_checks` has them (built-in models)."""
+def _optional_sections(posterior_checks, model, guide, x, kwargs, options, out: Path) -> list[str]:
+    """Amortization gap, SBC and NUTS against q, where :mod:`pyro_lvm.posterior_checks` has them.
+
+    They run on the pair as trained (a built-in model's or a user's own), with the split's
+    other per-point tensors (a conditional model's ``y`` and ``mask``) passed along; a check
+    that cannot work on the model (NUTS or the gap on a discrete latent) says why.
+    """
     sections = (
         ("Amortization gap", "amortization_gap", _gap_section, "gap_inputs"),
         ("Simulation-based calibration", "sbc", _sbc_section, "num_simulations"),
@@ -794,25 +802,22 @@ def _optional_sections(posterior_checks, lvm, x, options, out: Path) -> list[str
             lines += [f"Skipped (--{count.replace('_', '-')} 0).", ""]
         elif fn is None:
             lines += [f"Not available: this pyro_lvm has no posterior_checks.{name}.", ""]
-        elif isinstance(lvm, LVMModule):
-            lines += [f"Not run: posterior_checks.{name} needs a built-in model (p(z), p(x | z) and q(z | x) "
-                      "as methods); this run trained a model/guide pair of its own.", ""]
         else:
             try:
-                lines += section(posterior_checks, lvm, x, options, out)
+                lines += section(posterior_checks, model, guide, x, kwargs, options, out)
             except (ValueError, NotImplementedError) as err:  # e.g. a discrete latent
                 lines += [f"Not run for this model: {err}", ""]
     return lines
 
 
-def _gap_section(posterior_checks, lvm, x, options, out: Path) -> list[str]:
+def _gap_section(posterior_checks, model, guide, x, kwargs, options, out: Path) -> list[str]:
     from matplotlib.figure import Figure
 
-    x = x[: options.gap_inputs]
+    x, kwargs = posterior_checks._take(x, kwargs, torch.arange(min(options.gap_inputs, len(x))))
     gap = posterior_checks.amortization_gap(
-        lvm, x, num_steps=options.gap_steps, eval_particles=options.num_particles,
+        model, x, guide=guide, num_steps=options.gap_steps, eval_particles=options.num_particles,
         log_likelihood_particles=options.num_particles, chunk_size=options.chunk_size,
-        history_every=max(1, options.gap_steps // 50),
+        history_every=max(1, options.gap_steps // 50), **kwargs,
     )
     fig = Figure(figsize=(5, 3.2))
     ax = fig.subplots()
@@ -828,52 +833,62 @@ def _gap_section(posterior_checks, lvm, x, options, out: Path) -> list[str]:
             ("log_likelihood", "elbo_amortized", "elbo_optimized", "amortization_gap", "approximation_gap", "inference_gap")
             if key in means]
     return [
-        f"First {len(x)} inputs, per-input Gaussian q_i refined from the encoder's output for {options.gap_steps} "
-        "steps (Cremer et al. 2018). Means over inputs, nats:", "",
-        "| quantity | mean |", "|---|---|", *rows, "", "![amortization gap](amortization_gap.png)", "",
+        f"First {len(x)} inputs, a per-input Gaussian q_i refined for {options.gap_steps} steps "
+        "(Cremer et al. 2018). Means over inputs, nats:", "",
+        "| quantity | mean |", "|---|---|", *rows, "", gap.family, "", "![amortization gap](amortization_gap.png)", "",
     ]
 
 
-def _sbc_section(posterior_checks, lvm, x, options, out: Path) -> list[str]:
+def _sbc_section(posterior_checks, model, guide, x, kwargs, options, out: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
-    result = posterior_checks.sbc(lvm, num_simulations=options.num_simulations, num_draws=99, num_bins=20)
-    fig = posterior_checks.plot_sbc(result, str(out / "sbc_ranks.png"))
+    result = posterior_checks.sbc(model, guide, num_simulations=options.num_simulations, num_draws=99, num_bins=20,
+                                  batch_size=min(500, options.num_simulations), x=x, **kwargs)
+    panels = 16
+    fig = posterior_checks.plot_sbc(result, str(out / "sbc_ranks.png"), max_panels=panels)
     plt.close(fig)
     p_values = result.p_values.flatten()
     small = int((p_values < 0.01).sum())
+    shown = f" The {panels} least uniform dimensions are drawn." if len(p_values) > panels else ""
     return [
-        f"{options.num_simulations} simulations z ~ p(z), x ~ p(x | z), ranks of z among 99 draws of q(z | x) "
+        f"{options.num_simulations} simulations (z, x) ~ p(z, x) from the model (for a conditional model, given "
+        f"the split's inputs), ranks of each latent among 99 draws of q(z | x), ties broken at random "
         f"(Talts et al. 2018). Chi-square test of uniform ranks: {small} of {len(p_values)} latent dimensions "
-        f"with p < 0.01 (smallest p = {float(p_values.min()):.2g}).", "",
+        f"with p < 0.01 (smallest p = {float(p_values.min()):.2g}).{shown}", "",
         "![SBC rank histograms](sbc_ranks.png)", "",
     ]
 
 
-def _nuts_section(posterior_checks, lvm, x, options, out: Path) -> list[str]:
+def _nuts_section(posterior_checks, model, guide, x, kwargs, options, out: Path) -> list[str]:
     from matplotlib.figure import Figure
 
-    x = x[: options.nuts_inputs]
+    x, kwargs = posterior_checks._take(x, kwargs, torch.arange(min(options.nuts_inputs, len(x))))
     result = posterior_checks.compare_with_nuts(
-        lvm, x, num_samples=options.nuts_samples, warmup_steps=options.nuts_warmup,
-        guide_samples=max(options.nuts_samples, 100),
+        model, x, guide=guide, num_samples=options.nuts_samples, warmup_steps=options.nuts_warmup,
+        guide_samples=max(options.nuts_samples, 100), chunk_size=options.chunk_size, **kwargs,
     )
-    table = result.table
+    rows = 24  # a large latent (a convolutional VAE's map) would make an unreadable table and plot
+    full = result.table
+    table = full.nlargest(rows, "wasserstein").sort_index() if len(full) > rows else full
+    shown = (f" The {rows} of {len(full)} rows with the largest Wasserstein distance are shown."
+             if len(full) > rows else "")
     fig = Figure(figsize=(max(4.0, 0.35 * len(table) + 1.5), 3.2))
     ax = fig.subplots()
     positions = np.arange(len(table))
     ax.errorbar(positions - 0.1, table["nuts_mean"], yerr=table["nuts_sd"], fmt="o", label="NUTS", color="C0")
     ax.errorbar(positions + 0.1, table["guide_mean"], yerr=table["guide_sd"], fmt="s", label="q(z | x)", color="C1")
-    ax.set_xticks(positions, [f"x{o} z{d}" for o, d in zip(table["obs"], table["latent"])], fontsize=7, rotation=90)
+    labels = [f"x{o} {s}[{d}]" for o, s, d in zip(table["obs"], table["site"], table["latent"])]
+    ax.set_xticks(positions, labels, fontsize=7, rotation=90)
     ax.set_ylabel("posterior mean ± sd")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "nuts_vs_guide.png", dpi=100)
+    full.to_csv(out / "nuts_vs_guide.csv", index=False)
     return [
-        f"NUTS on p(z | x) with the trained decoder for the first {len(x)} inputs ({options.nuts_samples} draws "
-        f"after {options.nuts_warmup} warm-up steps per chain) against q(z | x):", "",
+        f"NUTS on p(z | x), all latent sites jointly, with the trained model for the first {len(x)} inputs "
+        f"({options.nuts_samples} draws after {options.nuts_warmup} warm-up steps per chain) against q(z | x).{shown}", "",
         "```", table.to_string(index=False, float_format=lambda v: f"{v:.3g}"), "```", "",
-        "![NUTS against the guide](nuts_vs_guide.png)", "",
+        "![NUTS against the guide](nuts_vs_guide.png)", "", "Every row: `nuts_vs_guide.csv`.", "",
     ]
 
 

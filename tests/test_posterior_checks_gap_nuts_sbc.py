@@ -22,7 +22,7 @@ from torch import nn  # noqa: E402
 from torch.distributions import MultivariateNormal  # noqa: E402
 
 from pyro_lvm import VAE  # noqa: E402
-from pyro_lvm.models import ConditionalVAE, DiscreteVAE, HierarchicalVAE  # noqa: E402
+from pyro_lvm.models import DiscreteVAE  # noqa: E402
 from pyro_lvm.likelihoods import GaussianLikelihood  # noqa: E402
 from pyro_lvm.models.base import LatentVariableModel  # noqa: E402
 from pyro_lvm.posterior_checks import (  # noqa: E402
@@ -106,7 +106,7 @@ def test_exact_encoder_has_no_amortization_or_approximation_gap():
     np.testing.assert_allclose(table["log_likelihood"], exact, atol=1e-8)
     np.testing.assert_allclose(table["log_likelihood_stderr"], 0.0, atol=1e-6)
     np.testing.assert_allclose(table["approximation_gap"], 0.0, atol=1e-3)
-    assert torch.allclose(gaps.loc, model.encode(x)[0], atol=1e-2)
+    assert gaps.same_family and torch.allclose(gaps.loc["z"], model.encode(x)[0], atol=1e-2)
 
 
 def test_wrong_encoder_amortization_gap_is_its_kl_and_closes():
@@ -128,8 +128,8 @@ def test_wrong_encoder_amortization_gap_is_its_kl_and_closes():
     np.testing.assert_allclose(table["log_likelihood"], exact, atol=0.01)
     assert (table["log_likelihood"] <= exact + 1e-3).all()
     # the optimized q_i is the exact posterior
-    assert torch.allclose(gaps.loc, model.posterior_mean(x), atol=0.02)
-    assert torch.allclose(gaps.scale, var.sqrt().expand_as(gaps.scale), rtol=0.03)
+    assert torch.allclose(gaps.loc["z"], model.posterior_mean(x), atol=0.02)
+    assert torch.allclose(gaps.scale["z"], var.sqrt().expand_as(gaps.scale["z"]), rtol=0.03)
     # the curve: starts at the amortized gap, ends near zero, decreasing on the whole
     history = gaps.history
     assert history["step"].iloc[0] == 0 and history["step"].iloc[-1] == 400
@@ -149,9 +149,9 @@ def test_correlated_posterior_has_the_mean_field_approximation_gap():
     expected = 0.5 * float(lam.diagonal().log().sum() - torch.logdet(lam))
     assert expected > 0.1
     # the optimum: exact means, variances 1 / Lambda_dd
-    assert torch.allclose(gaps.scale, lam.diagonal().rsqrt().expand_as(gaps.scale), rtol=0.05)
+    assert torch.allclose(gaps.scale["z"], lam.diagonal().rsqrt().expand_as(gaps.scale["z"]), rtol=0.05)
     # (the means converge slowly along the posterior's long axis: the ELBO is flat there)
-    assert torch.allclose(gaps.loc, model.posterior_mean(x), atol=0.1)
+    assert torch.allclose(gaps.loc["z"], model.posterior_mean(x), atol=0.1)
     exact = model.marginal.log_prob(x).numpy()
     table = gaps.table
     # per point within the Monte-Carlo error of 2000 draws (log w varies here: sd about 0.5)
@@ -164,11 +164,8 @@ def test_correlated_posterior_has_the_mean_field_approximation_gap():
     assert float(table["approximation_gap"].mean()) == pytest.approx(expected, abs=0.05)
 
 
-def test_amortization_gap_refuses_a_model_without_gaussian_encoder():
-    with pytest.raises(ValueError, match="no Gaussian posterior"):
-        amortization_gap(VAE(data_shape=3, latent_dim=2, hidden_dims=[4], posterior_flow="iaf", flow_layers=1,
-                             flow_hidden=[4]), torch.zeros(2, 3), num_steps=1)
-    with pytest.raises(ValueError, match="built-in latent-variable model"):
+def test_amortization_gap_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="needs a guide: pass guide="):
         amortization_gap(lambda x: None, torch.zeros(2, 3))
     with pytest.raises(ValueError, match="eval_particles >= 2; got 1"):
         amortization_gap(LinearGaussian(*weights(True)), torch.zeros(2, D, dtype=torch.float64), eval_particles=1)
@@ -176,19 +173,26 @@ def test_amortization_gap_refuses_a_model_without_gaussian_encoder():
         amortization_gap(LinearGaussian(*weights(True)), torch.zeros(2, D, dtype=torch.float64), lr=0.0)
 
 
-@pytest.mark.parametrize("check", [amortization_gap, compare_with_nuts, sbc])
-def test_checks_refuse_discrete_hierarchical_and_conditional_models(check):
-    x = torch.zeros(2, 4)
+@pytest.mark.parametrize("check", [amortization_gap, compare_with_nuts])
+def test_gap_and_nuts_refuse_a_discrete_latent_and_name_the_alternative(check):
+    model = DiscreteVAE(data_shape=4, hidden_dims=[4])
+    with pytest.raises(ValueError, match=r"DiscreteVAE has the discrete latent site\(s\) 'z' \(OneHotCategorical\)") as error:
+        check(model, torch.zeros(2, 4))
+    assert ("psis_khat" in str(error.value)) and ("sbc" in str(error.value) if check is compare_with_nuts else True)
 
-    def run(model):
-        return check(model) if check is sbc else check(model, x)
 
-    with pytest.raises(ValueError, match="continuous latent"):
-        run(DiscreteVAE(data_shape=4, hidden_dims=[4]))
-    with pytest.raises(ValueError, match=r"single latent site 'z'.*\['z2', 'z1'\]"):
-        run(HierarchicalVAE(data_shape=4, latent_dims=[3, 2], hidden_dims=[[4], [4]]))
-    with pytest.raises(ValueError, match="conditional models are not supported"):
-        run(ConditionalVAE(data_shape=4, input_shape=4, latent_dim=2, hidden_dims=[4]))
+def test_sbc_of_a_discrete_latent_breaks_ties_at_random():
+    # the prior as the guide is the exact posterior of a model whose x does not depend on z
+    model = DiscreteVAE(data_shape=3, num_latents=2, num_categories=3, hidden_dims=[4])
+    with torch.no_grad():
+        model.decoder[-1].weight.zero_()
+    pyro.set_rng_seed(0)
+    result = sbc(model, guide=lambda x: model.prior(torch.Size([len(x)])), num_simulations=1000, num_draws=19,
+                 num_bins=5)
+    # one-hot coordinates: without tie-breaking every rank would be 0 or #draws below a 1
+    assert result.labels == [f"z[{d}]" for d in range(6)]
+    assert (result.p_values > 1e-3).all()
+    assert len(torch.unique(result.ranks[:, 0])) == 20
 
 
 def test_amortization_gap_leaves_the_model_alone():
@@ -222,7 +226,7 @@ def test_nuts_agrees_with_the_exact_posterior_and_finds_the_shifted_guide():
     result = compare_with_nuts(model, x, num_samples=200, warmup_steps=100, num_chains=2, guide_samples=4000,
                                full_mass=True)
     table = result.table
-    assert tuple(result.samples.shape) == (2, 200, 2, K)
+    assert tuple(result.samples["z"].shape) == (2, 200, 2, K) and set(table["site"]) == {"z"}
     mean = model.posterior_mean(x).reshape(-1).numpy()
     sd = model.cov.diagonal().sqrt().repeat(2).numpy()
     assert (table["r_hat"] < 1.05).all()
@@ -231,9 +235,12 @@ def test_nuts_agrees_with_the_exact_posterior_and_finds_the_shifted_guide():
     np.testing.assert_allclose(table["nuts_sd"], sd, rtol=0.15)
     # the guide: shifted by 0.4 in z[0], exact in z[1] (its sd is the exact marginal sd)
     shifted = table["latent"] == 0
-    assert (np.abs(table["guide_mean"] - table["nuts_mean"] - shift.numpy()[table["latent"]]) < 0.1).all()
-    assert (np.abs(table.loc[shifted, "wasserstein"] - 0.4) < 0.1).all()
-    assert (table.loc[~shifted, "wasserstein"] < 0.1).all()
+    # up to the Monte-Carlo errors of both means
+    error = 4 * table["nuts_sd"] / np.sqrt(table["ess"]) + 4 * table["guide_sd"] / np.sqrt(4000)
+    assert (np.abs(table["guide_mean"] - table["nuts_mean"] - shift.numpy()[table["latent"]]) < error).all()
+    # the distance between the samples: 0.4 and 0, up to the NUTS means' Monte-Carlo error (sd about 0.7)
+    assert (np.abs(table["wasserstein"] - np.where(shifted, 0.4, 0.0)) < 0.05 + error).all()
+    assert (error < 0.2).all()
 
 
 # ----- SBC -------------------------------------------------------------------------------
