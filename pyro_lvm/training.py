@@ -183,7 +183,7 @@ class LVMModule(pl.LightningModule):
             the training loss after the first step without Pyro's tracing
             (:class:`pyro_lvm.estimators.fast.FastLoss`): the same loss, gradients and random
             draws for the same seed, with Pyro's argument checks run once instead of every
-            step (the data are still checked every batch). Other pairs and estimators run
+            step (the data's values are checked on each epoch's first batch and every 50th). Other pairs and estimators run
             through Pyro whatever this says; ``fast_path_blocker`` names the reason.
 
     Example:
@@ -495,6 +495,10 @@ class LVMModule(pl.LightningModule):
                 groups.append({"params": params, "lr": float(own_lr)})
         rest = [p for p in self.parameters() if id(p) not in claimed]
         return torch.optim.Adam([{"params": rest}, *groups], lr=self.lr)
+
+    def on_train_epoch_start(self) -> None:
+        if self._fast is not None:
+            self._fast.check_next = True  # the fast step checks the data's values again
 
     # ----- reproducibility -------------------------------------------------------------
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

@@ -70,17 +70,20 @@ def test_fast_loss_and_gradients_equal_pyros(name, estimator):
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.3, 2.0])
-@pytest.mark.parametrize("estimator", ["reparam", "analytic_kl"])
-def test_beta_weighs_the_kl_as_pyro_lvm_estimators_do(beta, estimator):
-    lvm, x = _models()["vae"]
+@pytest.mark.parametrize("estimator", ["reparam", "analytic_kl", "score_function"])
+@pytest.mark.parametrize("name", ["vae", "gaussian_vae"])
+def test_beta_weighs_the_kl_as_pyro_lvm_estimators_do(beta, estimator, name):
+    lvm, x = _models()[name]
     _perturb(lvm)
-    elbo = make_elbo(estimator, beta=beta)
-    elbo.check(lvm.model, lvm.guide, x)
-    elbo.max_plate_nesting = 1
+    elbo, twin = make_elbo(estimator, beta=beta), make_elbo(estimator, beta=beta)
+    for e in (elbo, twin):
+        e.check(lvm.model, lvm.guide, x)
+        e.max_plate_nesting = 1
     params = list(lvm.parameters())
-    pyro_result = _loss_and_grads(lambda: elbo.differentiable_loss(lvm.model, lvm.guide, x), params, seed=1)
-    fast_result = _loss_and_grads(lambda: FastLoss(lvm, elbo)(x), params, seed=1)
-    _assert_same(fast_result, pyro_result)
+    for seed in (1, 2, 3):  # three steps: the score function's running baseline moves alike
+        pyro_result = _loss_and_grads(lambda: elbo.differentiable_loss(lvm.model, lvm.guide, x), params, seed)
+        fast_result = _loss_and_grads(lambda: FastLoss(lvm, twin)(x), params, seed)
+        _assert_same(fast_result, pyro_result)
 
 
 def _train(fast_step: bool, batches, estimator="analytic_kl"):
@@ -99,7 +102,7 @@ def _train(fast_step: bool, batches, estimator="analytic_kl"):
     return module, losses
 
 
-@pytest.mark.parametrize("estimator", ["reparam", "analytic_kl"])
+@pytest.mark.parametrize("estimator", ["reparam", "analytic_kl", "score_function"])
 def test_training_with_the_fast_step_follows_pyros_path(estimator):
     torch.manual_seed(5)
     batches = [torch.bernoulli(torch.full((8, 12), 0.3)) for _ in range(6)]
@@ -121,14 +124,24 @@ def test_the_fast_step_still_checks_every_batch():
     grey = x.clone()
     grey[3, 1] = 0.5
     with pytest.raises(ValueError, match="binary"):
-        module(grey)
+        module(grey)  # the fast path's first batch: checked
     bad = x.clone()
     bad[0, 0] = float("nan")
+    module._fast.check_next = True  # as at an epoch's start
     with pytest.raises(ValueError, match="NaN"):
         module(bad)
     with pytest.raises(ValueError, match="shape"):
-        module(x[:, :3])
-    assert module._pyro_steps == 1  # these went through the fast path, and failed there
+        module(x[:, :3])  # shapes: every batch
+    # values: every check_every-th batch
+    module._fast.check_next = False
+    seen = 0
+    for _ in range(module._fast.check_every):
+        try:
+            module(grey)
+        except ValueError:
+            seen += 1
+    assert seen == 1
+    assert module._pyro_steps == 1  # these went through the fast path
 
 
 def test_batches_with_model_arguments_go_through_pyro():
@@ -145,6 +158,9 @@ def test_batches_with_model_arguments_go_through_pyro():
 def test_what_has_no_fast_path_is_named():
     vae = VAE(data_shape=4, latent_dim=2, hidden_dims=[8])
     assert fast_path_blocker(vae, vae.guide, make_elbo("iwae", num_particles=3)).startswith("estimator IWAEELBO")
+    assert fast_path_blocker(vae, vae.guide, make_elbo("score_function", baseline="nvil")) == "the NVIL baseline"
+    flow_vae = _models()["flow_vae"][0]
+    assert "no flows" in fast_path_blocker(flow_vae, flow_vae.guide, make_elbo("score_function"))
     assert fast_path_blocker(vae, vae.guide, make_elbo("reparam", num_particles=2)) == "num_particles=2"
     assert fast_path_blocker(vae, vae.guide, make_elbo("reparam", kl_control=FreeBits(0.1))) == "kl_control"
     assert fast_path_blocker(vae, lambda x: None, make_elbo("reparam")) == "the guide is not the model's own"
@@ -156,7 +172,7 @@ def test_what_has_no_fast_path_is_named():
     module = LVMModule(hvae, estimator="reparam", latent_monitor=False)
     assert module._fast is None and "HierarchicalVAE" in module.fast_path_blocker
     with pytest.raises(ValueError, match="No fast path"):
-        FastLoss(vae, make_elbo("score_function"))
+        FastLoss(vae, make_elbo("vimco", num_particles=2))
 
 
 def test_a_user_pair_trains_through_pyro():
