@@ -18,9 +18,10 @@ torch.set_num_threads(1)
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "svi_step.py"
 VARIANTS = {
-    "a": ["torch", "pyro SVI Trace_ELBO", "pyro SVI JitTrace_ELBO", "pyro_lvm", "pyro_lvm reparam"],
+    "a": ["torch", "pyro SVI Trace_ELBO", "pyro SVI JitTrace_ELBO", "pyro_lvm", "pyro_lvm reparam",
+          "pyro_lvm user pair"],
     "b": ["torch", "pyro SVI Trace_ELBO", "pyro SVI JitTrace_ELBO", "pyro_lvm"],
-    "c": ["torch", "pyro SVI Trace_ELBO", "pyro SVI JitTrace_ELBO", "pyro_lvm"],
+    "c": ["torch", "pyro SVI Trace_ELBO", "pyro SVI JitTrace_ELBO", "pyro_lvm", "pyro_lvm user pair"],
     "d": ["torch", "pyro SVI TraceGraph_ELBO", "pyro_lvm"],
 }
 
