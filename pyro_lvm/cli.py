@@ -587,6 +587,11 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="evaluate the first N data points of the split only")
     parser.add_argument("--output", default=None, metavar="FILE.json", help="default RUN/evaluate_<split>.json")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
+    parser.add_argument(
+        "--compile", choices=["auto", "true", "false"], default="auto",
+        help="score Bernoulli likelihoods with a fused kernel built by torch.compile: 'auto' for long runs "
+             "(particles x data elements >= 1e9), falling back to the eager kernel if it cannot be built (default: %(default)s)",
+    )
     options = parser.parse_args(args)
     if options.num_particles < 1:
         parser.error(f"--num-particles must be a positive integer; got {options.num_particles}")
@@ -603,7 +608,8 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
     else:
         model, guide, scope = _pair(module)
         with scope:
-            result = evaluate(model, data["x"], guide=guide, **common, **_kwargs(data))
+            result = evaluate(model, data["x"], guide=guide, compile={"true": True, "false": False}.get(
+                options.compile, "auto"), **common, **_kwargs(data))
     numbers = {"checkpoint": str(Path(options.ckpt).resolve()), "split": options.split,
                "model": type(flow).__name__, "flow": isinstance(flow, FlowModel), **result.as_dict()}
     output = Path(options.output) if options.output else _run_dir(options.ckpt) / f"evaluate_{options.split}.json"
