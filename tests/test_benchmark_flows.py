@@ -67,12 +67,24 @@ def test_quick_run_prints_finite_rows_and_skips_missing_peers(capsys, tmp_path, 
     assert "   * - pyro_lvm RealNVP" in text and "   * - Pyro AffineCoupling" in text
 
 
-def test_fresh_pyro_lvm_flow_is_the_identity_so_its_test_nll_is_the_standard_normals():
-    # With a zero last layer pyro_lvm's flow starts as the identity: its test NLL is the
-    # standard normal's, which checks the evaluation path (offsets, means) end to end.
+def test_fresh_pyro_lvm_flow_is_a_volume_preserving_shift_so_its_test_nll_is_the_normals_at_its_inverse():
+    # realnvp()'s couplings start with a zero log-scale head and a random shift head: a fresh
+    # flow is a volume-preserving map u -> x, so its test NLL is the standard normal's NLL of
+    # u = f^{-1}(x). Rebuilding the stack from the same seed checks the evaluation path
+    # (seeding, offsets, means) end to end.
+    from pyro_lvm.flows import realnvp
+
     bench = load_script()
     data = bench.make_moons(64, 256)
     results = bench.benchmark(data, [("pyro_lvm RealNVP", "RealNVP", "pyro_lvm")], layers=2, hidden=(8,),
                               batch_size=16, steps=1, rounds=1, warmup=0, lr=0.0, seed=0)
-    expected = -torch.distributions.Normal(0.0, 1.0).log_prob(data.test).sum(-1).mean()
+    torch.manual_seed(0)
+    layers = realnvp(2, num_layers=2, hidden=(8,))
+    u = data.test
+    with torch.no_grad():
+        for t in reversed(layers):
+            x, u = u, t.inv(u)
+            assert torch.equal(t.log_abs_det_jacobian(u, x), torch.zeros(len(u)))
+    assert (u - data.test).abs().max() > 1e-2  # not the identity: the check could fail
+    expected = -torch.distributions.Normal(0.0, 1.0).log_prob(u).sum(-1).mean()
     assert math.isclose(results["pyro_lvm RealNVP"]["nll"], float(expected), rel_tol=1e-5)

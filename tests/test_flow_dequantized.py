@@ -31,7 +31,7 @@ def grid_data(levels: int, n: int, dim: int = 2) -> torch.Tensor:
 
 def test_model_observes_a_dequantized_point_in_the_bin_of_its_level_and_adds_minus_d_log_k():
     k = 5
-    flow = perturbed(FlowModel(2, "realnvp", hidden=(8,), dequantize=k, logit_alpha=0.01))
+    flow = perturbed(FlowModel(2, "realnvp", hidden=(8,), init="identity", dequantize=k, logit_alpha=0.01))
     x = grid_data(k, 64)
     trace = poutine.trace(flow.model).get_trace(x)
     trace.compute_log_prob()
@@ -62,9 +62,9 @@ def test_dequantization_bounds_the_exact_discrete_log_likelihood_and_the_discret
     cells = torch.cartesian_prod(torch.arange(k), torch.arange(k)).double() / (k - 1)
     with torch.no_grad():
         # with alpha > 0 the logit-space mass beyond logit(alpha) is lost: P sums to less than one
-        squeezed = perturbed(FlowModel(2, "realnvp", hidden=(8,), dequantize=k, logit_alpha=0.05), size=0.15).double()
+        squeezed = perturbed(FlowModel(2, "realnvp", hidden=(8,), init="identity", dequantize=k, logit_alpha=0.05), size=0.15).double()
         assert exact_log_mass(squeezed, cells, k).exp().sum().item() < 0.99
-    flow = perturbed(FlowModel(2, "realnvp", hidden=(8,), dequantize=k, logit_alpha=0.0), size=0.15).double().eval()
+    flow = perturbed(FlowModel(2, "realnvp", hidden=(8,), init="identity", dequantize=k, logit_alpha=0.0), size=0.15).double().eval()
     with torch.no_grad():
         log_mass = exact_log_mass(flow, cells, k)
         # alpha = 0: the discrete model P(x) sums to one over the K^D cells

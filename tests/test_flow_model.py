@@ -232,9 +232,9 @@ def test_nice_scaling_is_initialized_from_the_data_scale():
     flow.initialize(x)
     scaling = flow.transforms[-1]
     assert bool(scaling.initialized) and not flow._needs_init()
-    # fresh couplings are the identity: the base codes have unit RMS per coordinate
-    u = flow.inverse(x)
-    assert torch.allclose(u.pow(2).mean(0), torch.ones(6), atol=1e-4)
+    # the scaling gives the data unit standard deviation per coordinate on the way to the base
+    h = scaling.inv(x)
+    assert torch.allclose(h.std(0, unbiased=False), torch.ones(6), atol=1e-4)
     # and the model initializes itself on its first training batch
     fresh = FlowModel(6, "nice", hidden=(8,))
     fresh.model(x)

@@ -167,10 +167,56 @@ def test_bad_input_shape_error():
 @pytest.mark.parametrize("cls", CLASSES)
 @pytest.mark.parametrize("shape", [5, (2, 4, 4)])
 def test_fresh_coupling_is_identity(cls, shape):
+    # the classes' default init="identity": the default net's last layer is zero
     t = cls(shape, cache_size=0)
     x = torch.randn((3,) + ((shape,) if isinstance(shape, int) else shape))
     assert torch.equal(t(x), x)
     assert torch.equal(t.log_abs_det_jacobian(x, x), torch.zeros(3))
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("shape,mask", CASES)
+def test_shift_init_starts_as_a_volume_preserving_shift_of_the_transformed_part(cls, shape, mask):
+    # init="shift": the log-scale head is zero (s = 0, log|det J| = 0) and the shift head is
+    # PyTorch's default, so the transformed part moves by a non-constant function of the kept part
+    torch.manual_seed(0)
+    t = cls(shape, hidden=(8,), mask=mask, cache_size=0, init="shift").double()
+    event = (shape,) if isinstance(shape, int) else shape
+    x = torch.randn((64,) + event, dtype=torch.float64)
+    y = t(x)
+    keep = coupling_mask(mask, shape).expand_as(x)
+    assert torch.equal(y[keep], x[keep])
+    move = (y - x)[~keep].reshape(64, -1)
+    assert move.abs().min() > 0 and move.std(0).min() > 1e-3  # depends on the kept part
+    assert torch.equal(t.log_abs_det_jacobian(x, y), torch.zeros(64, dtype=torch.float64))
+    jac = torch.autograd.functional.jacobian(lambda v: t(v.reshape(event)).reshape(-1), x[0].reshape(-1))
+    assert torch.allclose(torch.linalg.det(jac), torch.tensor(1.0, dtype=torch.float64), atol=1e-10)
+    torch.testing.assert_close(t.inv(y), x)
+
+
+def test_shift_init_is_the_default_of_the_stacks_and_identity_can_be_asked_for():
+    from pyro_lvm.flows.stacks import nice
+
+    torch.manual_seed(0)
+    for layers in (realnvp(4, hidden=(8,)), nice(4, hidden=(8,)), realnvp((1, 4, 4), num_layers=2, hidden=(4,))):
+        couplings = [m for m in layers.modules() if isinstance(m, (AdditiveCoupling, AffineCoupling))]
+        assert couplings and all(c.init == "shift" for c in couplings)
+    x = torch.randn(5, 4)
+    for layers in (realnvp(4, hidden=(8,), init="identity"), nice(4, hidden=(8,), init="identity")):
+        y = x
+        for t in layers:
+            y = t(y)
+        assert torch.equal(y, x)
+    c = ConditionalAffineCoupling(4, context_dim=2, hidden=(8,), init="shift").condition(torch.randn(5, 2))
+    y = c(x)
+    assert not torch.equal(y, x) and torch.equal(c.log_abs_det_jacobian(x, y), torch.zeros(5))
+
+
+def test_unknown_init_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"init must be one of .*'identity'.*'shift'.*got 'zeros'"):
+        AffineCoupling(4, init="zeros")
+    with pytest.raises(ValueError, match="init must be one of"):
+        realnvp(4, init="default")
 
 
 @pytest.mark.parametrize("shape,mask", CASES)

@@ -192,6 +192,26 @@ def test_diagonal_scaling(event_shape):
         t(torch.randn(3, 7, dtype=torch.float64))
 
 
+def test_diagonal_scaling_initializes_to_the_standard_deviation_not_the_rms():
+    # data far from centred (as 8-bit images in logit space): the RMS would overstate the spread
+    torch.manual_seed(0)
+    scales = torch.tensor([0.1, 1.0, 3.0, 0.5], dtype=torch.float64)
+    y = 5.0 + scales * torch.randn(4096, 4, dtype=torch.float64)
+    t = DiagonalScaling(4).double()
+    t.initialize(y)
+    assert bool(t.initialized)
+    torch.testing.assert_close(t.log_scale, y.std(0, unbiased=False).log())
+    h = t.inv(y)
+    torch.testing.assert_close(h.std(0, unbiased=False), torch.ones(4, dtype=torch.float64))
+    assert (h.pow(2).mean(0).sqrt() > 1.5).all()  # the RMS of the output is not what is unit
+    # a constant coordinate has no spread: the floor eps keeps the scale finite
+    flat = torch.cat([y[:, :3], torch.full((4096, 1), 2.0, dtype=torch.float64)], -1)
+    t.initialize(flat, eps=1e-3)
+    assert t.log_scale[3].item() == pytest.approx(math.log(1e-3))
+    with pytest.raises(ValueError, match="at least 2"):
+        t.initialize(y[:1])
+
+
 # ---------------------------------------------------------------- Logit, dequantize, bits/dim
 
 

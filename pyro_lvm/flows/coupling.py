@@ -21,6 +21,7 @@ __all__ = [
 
 _MASK_KINDS = ("half", "checkerboard", "channel")
 _SCALES = ("tanh", "sigmoid")
+_INITS = ("identity", "shift")
 
 
 def _event_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -95,23 +96,46 @@ def coupling_mask(kind: str, shape: int | Sequence[int], parity: int = 0) -> tor
     return ~m if parity == 1 else m
 
 
+def _init_last(last: nn.Module, init: str, n_out: int, n_scale_heads: int) -> None:
+    """Initialise a coupling net's last layer (``Linear`` or ``Conv2d``) in place.
+
+    Its outputs are ``n_out`` heads of equal size, the first ``n_scale_heads`` of them
+    log-scales. ``"identity"``: the whole layer is zero (the coupling starts as the
+    identity map). ``"shift"``: the log-scale heads are zero and the shift head keeps
+    PyTorch's default initialisation (the coupling starts as a volume-preserving shift).
+    """
+    with torch.no_grad():
+        if init == "identity":
+            last.weight.zero_()
+            last.bias.zero_()
+        else:
+            rows = last.weight.shape[0] // n_out * n_scale_heads
+            last.weight[:rows].zero_()
+            last.bias[:rows].zero_()
+
+
+def _check_init(init: str) -> str:
+    if init not in _INITS:
+        raise ValueError(
+            f"init must be one of {_INITS} (the start of the coupling's default net); got {init!r}."
+        )
+    return init
+
+
 def _mlp(n_in: int, hidden: Sequence[int], n_out: int) -> nn.Module:
-    """ReLU MLP ``n_in -> hidden -> n_out`` whose last layer starts at zero."""
+    """ReLU MLP ``n_in -> hidden -> n_out`` (last layer initialised by the caller)."""
     layers: list[nn.Module] = []
     width = n_in
     for h in hidden:
         layers += [nn.Linear(width, h), nn.ReLU()]
         width = h
-    last = nn.Linear(width, n_out)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    return nn.Sequential(*layers, last)
+    return nn.Sequential(*layers, nn.Linear(width, n_out))
 
 
 def _default_net(
     shape: tuple[int, ...], hidden: Sequence[int], n_out: int, extra_in: int = 0
 ) -> nn.Module:
-    """MLP (vectors) or 3x3-conv net (images) with ``n_out`` outputs per entry; last layer zero."""
+    """MLP (vectors) or 3x3-conv net (images) with ``n_out`` outputs per entry (last layer initialised by the caller)."""
     layers: list[nn.Module] = []
     if len(shape) == 1:
         width = shape[0] + extra_in
@@ -125,8 +149,6 @@ def _default_net(
             layers += [nn.Conv2d(width, h, 3, padding=1), nn.ReLU()]
             width = h
         last = nn.Conv2d(width, n_out * shape[0], 3, padding=1)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
     return nn.Sequential(*layers, last)
 
 
@@ -167,6 +189,7 @@ class _Coupling(TransformModule):
 
     bijective = True
     _n_out = 1
+    _n_scale_heads = 0  # how many of the net's leading output heads are log-scales
 
     def __init__(
         self,
@@ -177,8 +200,10 @@ class _Coupling(TransformModule):
         parity: int = 0,
         cache_size: int = 1,
         extra_in: int = 0,
+        init: str = "identity",
     ) -> None:
         super().__init__(cache_size=cache_size)
+        self.init = _check_init(init)
         self.event_shape = _event_shape(event_shape)
         self.dim = -len(self.event_shape)
         kind = mask if mask is not None else ("half" if len(self.event_shape) == 1 else "checkerboard")
@@ -199,6 +224,7 @@ class _Coupling(TransformModule):
                 net = _mlp(n_kept + extra_in, hidden, self._n_out * n_free)
             else:
                 net = _default_net(self.event_shape, hidden, self._n_out, extra_in)
+            _init_last(net[-1], init, self._n_out, self._n_scale_heads)
         elif hidden is not None:
             raise ValueError("Pass either `hidden` (widths of the default net) or `net`, not both.")
         self.net = net
@@ -275,12 +301,14 @@ class AdditiveCoupling(_Coupling):
         hidden: hidden widths of the default net (an MLP for vectors; 3x3 convolutions,
             padding 1, for images); defaults ``(64, 64)`` / ``(32, 32)``.
         net: a custom net mapping ``(..., D)`` to ``(..., D)`` or ``(N, C, H, W)`` to
-            ``(N, C, H, W)``, used instead of the default one (which starts at zero, so a
-            fresh layer is the identity).
+            ``(N, C, H, W)``, used instead of the default one (see ``init``).
         mask: ``"half"`` (vectors, default), ``"checkerboard"`` (images, default) or
             ``"channel"``; see :func:`coupling_mask`.
         parity: 0 or 1; 1 swaps the kept and transformed parts.
         cache_size: 0 or 1, as in :class:`torch.distributions.Transform`.
+        init: the default net's last layer: ``"identity"`` (zero, so a fresh layer is the
+            identity) or ``"shift"`` (PyTorch's default initialisation, so a fresh layer is
+            a random shift; what :func:`~pyro_lvm.flows.nice` uses, see there why).
 
     Example:
         >>> t = AdditiveCoupling(5, hidden=(16,), cache_size=0)
@@ -302,8 +330,9 @@ class AdditiveCoupling(_Coupling):
         mask: str | None = None,
         parity: int = 0,
         cache_size: int = 1,
+        init: str = "identity",
     ) -> None:
-        super().__init__(event_shape, hidden, net, mask, parity, cache_size)
+        super().__init__(event_shape, hidden, net, mask, parity, cache_size, init=init)
 
     def _shift(self, kept: torch.Tensor) -> torch.Tensor:
         (shift,) = _run_net(self.net, kept, self.event_shape, 1)
@@ -370,12 +399,17 @@ class AffineCoupling(_Coupling):
             padding 1, for images); defaults ``(64, 64)`` / ``(32, 32)``.
         net: a custom net mapping ``(..., D)`` to ``(..., 2 D)`` or ``(N, C, H, W)`` to
             ``(N, 2 C, H, W)`` (raw log-scale first, then shift), used instead of the
-            default one (whose last layer starts at zero).
+            default one (see ``init``).
         mask: ``"half"`` (vectors, default), ``"checkerboard"`` (images, default) or
             ``"channel"``; see :func:`coupling_mask`.
         parity: 0 or 1; 1 swaps the kept and transformed parts.
         scale: ``"tanh"`` or ``"sigmoid"``, the log-scale parameterisation.
         cache_size: 0 or 1, as in :class:`torch.distributions.Transform`.
+        init: the default net's last layer: ``"identity"`` (zero: a fresh layer is the
+            identity) or ``"shift"`` (the log-scale head zero, the shift head at PyTorch's
+            default initialisation: with ``scale="tanh"`` a fresh layer is a
+            volume-preserving random shift, :math:`s = 0`; what
+            :func:`~pyro_lvm.flows.realnvp` uses, see there why).
 
     Example:
         >>> t = AffineCoupling((2, 4, 4), hidden=(8,), mask="channel", cache_size=0)
@@ -388,6 +422,7 @@ class AffineCoupling(_Coupling):
     """
 
     _n_out = 2
+    _n_scale_heads = 1  # the net returns the raw log-scale first, then the shift
 
     def __init__(
         self,
@@ -398,11 +433,12 @@ class AffineCoupling(_Coupling):
         parity: int = 0,
         scale: str = "tanh",
         cache_size: int = 1,
+        init: str = "identity",
         _extra_in: int = 0,
     ) -> None:
         if scale not in _SCALES:
             raise ValueError(f"scale must be one of {_SCALES}; got {scale!r}.")
-        super().__init__(event_shape, hidden, net, mask, parity, cache_size, _extra_in)
+        super().__init__(event_shape, hidden, net, mask, parity, cache_size, _extra_in, init)
         self.scale = scale
         if scale == "tanh":
             # one factor per transformed entry (the compact half net), else per entry
@@ -528,6 +564,7 @@ class ConditionalAffineCoupling(ConditionalTransformModule):
         parity: 0 or 1.
         scale: ``"tanh"`` or ``"sigmoid"``.
         cache_size: 0 or 1, for the conditioned transforms.
+        init: ``"identity"`` or ``"shift"``, the default net's start (see :class:`AffineCoupling`).
 
     Example:
         >>> t = ConditionalAffineCoupling(4, context_dim=2, hidden=(8,))
@@ -550,6 +587,7 @@ class ConditionalAffineCoupling(ConditionalTransformModule):
         parity: int = 0,
         scale: str = "tanh",
         cache_size: int = 1,
+        init: str = "identity",
     ) -> None:
         super().__init__()
         if context_dim < 1:
@@ -557,7 +595,7 @@ class ConditionalAffineCoupling(ConditionalTransformModule):
         self.context_dim = context_dim
         self.cache_size = cache_size
         self.coupling = AffineCoupling(
-            event_shape, hidden, net, mask, parity, scale, cache_size=0, _extra_in=context_dim
+            event_shape, hidden, net, mask, parity, scale, cache_size=0, init=init, _extra_in=context_dim
         )
 
     def condition(self, context: torch.Tensor) -> Transform:

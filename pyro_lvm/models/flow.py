@@ -76,6 +76,8 @@ class FlowModel(PyroModule):
         num_scales: RealNVP on images only: the number of scales of the multi-scale
             architecture (half the channels factored out at each scale but the last).
         conv1x1: RealNVP only: an invertible 1x1 convolution before each coupling.
+        init: how the couplings start: ``"shift"`` (a random shift with log-determinant 0,
+            which learns faster) or ``"identity"`` (see :func:`pyro_lvm.flows.realnvp`).
         dequantize: the number of levels :math:`K` of discrete data, or ``None`` for
             continuous data.
         logit_alpha: the logit pre-processing's :math:`\alpha` (1e-6 for MNIST, 0.05 for
@@ -102,6 +104,7 @@ class FlowModel(PyroModule):
         scale: str = "tanh",
         num_scales: int = 1,
         conv1x1: bool = False,
+        init: str = "shift",
         dequantize: Optional[int] = None,
         logit_alpha: Optional[float] = None,
         **stack_options: Any,
@@ -125,7 +128,7 @@ class FlowModel(PyroModule):
         self.num_levels = None if dequantize is None else int(dequantize)
         self.logit_alpha = None if logit_alpha is None else float(logit_alpha)
         name = "realnvp" if transforms is None else transforms
-        options = {"num_layers": num_layers, "hidden": None if hidden is None else list(hidden)}
+        options = {"num_layers": num_layers, "hidden": None if hidden is None else list(hidden), "init": init}
         if isinstance(name, str):
             if name not in _STACKS:
                 raise ValueError(f"Unknown flow {name!r}; choose one of {tuple(_STACKS)} or pass a list of transforms.")
@@ -146,9 +149,10 @@ class FlowModel(PyroModule):
             shape_arg = self.event_shape[0] if len(self.event_shape) == 1 else tuple(self.event_shape)
             layers = list(_STACKS[name](shape_arg, **kwargs))
         else:
-            if stack_options or num_layers is not None or hidden is not None or actnorm or scale != "tanh" or num_scales != 1 or conv1x1:
+            if (stack_options or num_layers is not None or hidden is not None or actnorm or scale != "tanh"
+                    or num_scales != 1 or conv1x1 or init != "shift"):
                 raise ValueError(
-                    "num_layers, hidden, actnorm, scale, num_scales and other stack options apply to a "
+                    "num_layers, hidden, actnorm, scale, num_scales, init and other stack options apply to a "
                     "named stack ('nice', 'realnvp'), not to a list of transforms."
                 )
             layers = list(transforms)
@@ -167,6 +171,7 @@ class FlowModel(PyroModule):
             scale=scale,
             num_scales=num_scales,
             conv1x1=conv1x1,
+            init=init,
             dequantize=self.num_levels,
             logit_alpha=self.logit_alpha,
             **stack_options,
