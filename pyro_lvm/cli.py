@@ -160,13 +160,11 @@ class RunReport(pl.Callback):
         print("\n".join([f"Test set ({path}):"] + self._metric_lines(trainer, "test", "test")))
 
     def _pictures(self, trainer: pl.Trainer, lvm, run_dir: Path) -> list[Path]:
-        datamodule = trainer.datamodule
-        loader = datamodule.val_dataloader() if datamodule is not None else None
+        loader, batch = self._first_batch(trainer.datamodule)
         if loader is None:
             return []
         parameter = next(lvm.parameters(), None)
         device = parameter.device if parameter is not None else torch.device("cpu")
-        batch = next(iter(loader))
         batch = dict(batch) if isinstance(batch, dict) else {"x": batch}
         batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         x, y = batch["x"], batch.get("y")
@@ -200,6 +198,19 @@ class RunReport(pl.Callback):
         finally:
             lvm.train(was_training)
         return written
+
+    @staticmethod
+    def _first_batch(datamodule) -> tuple[Any, Any]:
+        """A loader and its first batch: the validation split's, else the test's, else the training's."""
+        if datamodule is None:
+            return None, None
+        for name in ("val_dataloader", "test_dataloader", "train_dataloader"):
+            try:  # a data module without the split (e.g. val_size=0) raises, or yields nothing
+                loader = getattr(datamodule, name)()
+                return loader, next(iter(loader))
+            except Exception:
+                continue
+        return None, None
 
     @staticmethod
     def _latent_space(lvm, loader, device: torch.device, path: Path, max_points: int = 2000) -> Path:

@@ -130,3 +130,26 @@ def test_a_wrong_combination_fails_before_training(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="'iwae' needs reparameterizable latents.*use 'vimco'"):
         main(["fit", f"--config={REPO / 'configs' / 'discrete_vae_digits.yaml'}", "--model.estimator=iwae",
               "--trainer.fast_dev_run=true", *QUIET])
+
+
+def test_run_pictures_come_from_another_split_when_there_is_no_validation_split(tmp_path):
+    from types import SimpleNamespace
+
+    from pyro_lvm import VAE
+    from pyro_lvm.cli import RunReport
+
+    class NoValidation:
+        def val_dataloader(self):
+            raise KeyError("val")  # as a data module built with val_size=0 does
+
+        def test_dataloader(self):
+            return []  # an empty split: no batch
+
+        def train_dataloader(self):
+            return [{"x": torch.bernoulli(torch.full((8, 64), 0.5))}]
+
+    report = RunReport()
+    vae = VAE(data_shape=64, latent_dim=2, hidden_dims=[8])
+    written = report._pictures(SimpleNamespace(datamodule=NoValidation()), vae, tmp_path)
+    assert {p.name for p in written} >= {"reconstructions.png", "samples.png"}
+    assert report._first_batch(None) == (None, None)

@@ -1,0 +1,373 @@
+"""Train and evaluate the reproduction rows (``configs/*.yaml``) and write the table against the papers.
+
+For each chosen row this script trains with ``pyro-lvm fit --config benchmarks/reproduce/configs/ROW.yaml``
+(in a subprocess, from the repository root), evaluates the last checkpoint with
+``pyro-lvm evaluate --num-particles K`` on the test split, and writes ``OUT/results.md`` and
+``OUT/results.rst``: our number, the paper's, the difference, the training budget (epochs, steps,
+wall-clock, device) and the seed. Every row keeps its own folder ``OUT/ROW`` (run folder
+``OUT/ROW/run`` with ``checkpoints/last.ckpt``, ``metrics.csv``; ``budget.json``; ``result.json``), so
+rows run in separate sessions, or resumed with ``--resume``, end up in the same table.
+
+    python benchmarks/reproduce/run.py --quick                       # a few minutes on a CPU
+    python benchmarks/reproduce/run.py --rows burda_1layer_vae,burda_1layer_iwae50
+    python benchmarks/reproduce/run.py --rows burda_1layer_vae --resume --max-epochs 100
+
+Units. Binarized rows: the test negative log-likelihood in nats (lower is better), the IWAE
+estimate with ``K`` importance samples. Flow rows: the test log-likelihood in the paper's units
+(higher is better): NICE's continuous density of the dequantized data in ``[0, 1]``
+(``log P(levels) + D log 256``); the MAF paper's density in logit space
+(``log P(levels) + D log 256 - E[log |dz/dy|]``, with ``z = logit(lambda + (1 - 2 lambda) y)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+
+__all__ = ["Row", "ROWS", "QUICK", "main", "logit_log_det", "format_tables"]
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+CONFIGS = HERE / "configs"
+DEFAULT_DATA = REPO.parent / "shared" / "data"
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of a published table: its config, the paper's number and how to compare with it."""
+
+    name: str
+    label: str
+    paper: float
+    source: str
+    kind: str = "nll"  # "nll" (nats, lower is better), "nice" or "maf" (log-likelihood, higher is better)
+    data: str = "mnist"  # the folder under the data root
+
+    @property
+    def config(self) -> Path:
+        return CONFIGS / f"{self.name}.yaml"
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.kind != "nll"
+
+
+ROWS: dict[str, Row] = {row.name: row for row in [
+    Row("burda_1layer_vae", "1 stochastic layer, VAE (k=1), dynamic", 86.76, "Burda et al. 2015, Table 1"),
+    Row("burda_1layer_iwae5", "1 stochastic layer, IWAE k=5, dynamic", 85.54, "Burda et al. 2015, Table 1"),
+    Row("burda_1layer_iwae50", "1 stochastic layer, IWAE k=50, dynamic", 84.78, "Burda et al. 2015, Table 1"),
+    Row("burda_2layer_vae", "2 stochastic layers, VAE (k=1), dynamic", 85.33, "Burda et al. 2015, Table 1"),
+    Row("burda_2layer_iwae5", "2 stochastic layers, IWAE k=5, dynamic", 83.89, "Burda et al. 2015, Table 1"),
+    Row("burda_2layer_iwae50", "2 stochastic layers, IWAE k=50, dynamic", 82.90, "Burda et al. 2015, Table 1"),
+    Row("static_vae", "1 stochastic layer, VAE (k=1), static", 89.9, "Rezende & Mohamed 2015",
+        data="binarized_mnist"),
+    Row("static_iwae50", "1 stochastic layer, IWAE k=50, static", 87.10, "Burda et al. 2015, appendix",
+        data="binarized_mnist"),
+    Row("nice_mnist", "NICE, dequantized [0, 1] (log-lik.)", 1980.50, "Dinh et al. 2014", kind="nice"),
+    Row("realnvp_maf_mnist", "RealNVP (5), logit space (log-lik.)", -1323.2, "Papamakarios et al. 2017, Table 2",
+        kind="maf"),
+]}
+
+# The --quick budget: the one-stochastic-layer VAE for a few hundred steps of 100 images,
+# evaluated with K = 100 on the first 1000 test images (a CPU minute).
+QUICK = {"rows": ["burda_1layer_vae"], "max_steps": 600, "batch_size": 100, "num_particles": 100, "limit": 1000}
+
+DIM = 784
+LOGIT_ALPHA = 1e-6
+
+
+def logit_log_det(levels: "torch.Tensor", alpha: float = LOGIT_ALPHA, seed: int = 0) -> "torch.Tensor":
+    r"""Per image, :math:`\sum_d \log\lvert dz_d / dy_d\rvert` of the logit pre-processing, at one dequantization.
+
+    With :math:`y = (\ell + u) / 256`, :math:`u \sim U(0, 1)`, :math:`s = \alpha + (1 - 2\alpha) y`
+    and :math:`z = \operatorname{logit}(s)`,
+
+    .. math::
+
+        \log\left\lvert \frac{dz}{dy} \right\rvert = \log(1 - 2\alpha) - \log s - \log(1 - s),
+
+    so a density in logit space is :math:`\log p(z) = \log p(y) - \sum_d \log\lvert dz_d/dy_d\rvert`.
+
+    Arguments:
+        levels: grey levels scaled to ``[0, 1]`` as ``level / 255`` (as ``MNISTDataModule(binarize="none")`` gives).
+        alpha: the logit's :math:`\alpha` (:math:`\lambda = 10^{-6}` in the MAF paper).
+        seed: seeds the uniform dequantization noise.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(2, 784)
+        >>> logit_log_det(x).shape
+        torch.Size([2])
+    """
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    flat = levels.reshape(len(levels), -1).double()
+    y = (torch.round(flat * 255.0) + torch.rand(flat.shape, generator=generator, dtype=torch.float64)) / 256.0
+    s = alpha + (1.0 - 2.0 * alpha) * y
+    return (math.log(1.0 - 2.0 * alpha) - torch.log(s) - torch.log1p(-s)).sum(-1)
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} thread(s))"
+
+
+def _data_root(row: Row, data: Path) -> str:
+    folder = data / row.data
+    return str(folder if folder.is_dir() else data)
+
+
+def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Namespace) -> Path:
+    """The row's YAML with the run folder, data root, seed and any budget override filled in."""
+    config = yaml.safe_load(row.config.read_text())
+    config["seed_everything"] = seed
+    trainer = config.setdefault("trainer", {})
+    trainer["logger"]["init_args"].update(save_dir=str(out), name=row.name, version="run")
+    trainer["enable_progress_bar"] = False
+    if args.accelerator is not None:
+        trainer["accelerator"] = args.accelerator
+    if args.max_epochs is not None:
+        trainer["max_epochs"] = args.max_epochs
+    if args.max_steps is not None:
+        trainer["max_steps"] = args.max_steps
+    if args.limit_train_batches is not None:
+        trainer["limit_train_batches"] = args.limit_train_batches
+    if args.batch_size is not None:
+        config["data"]["init_args"]["batch_size"] = args.batch_size
+    config["data"]["init_args"]["root"] = _data_root(row, data)
+    path = out / row.name / "fit_config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _env(threads: Optional[int]) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _cli(arguments: list[str], env: dict[str, str], log: Path) -> None:
+    command = [sys.executable, "-m", "pyro_lvm.cli", *arguments]
+    with log.open("a") as stream:
+        stream.write("$ " + " ".join(command) + "\n")
+        stream.flush()
+        done = subprocess.run(command, cwd=REPO, env=env, stdout=stream, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-25:])
+        raise RuntimeError(f"`pyro-lvm {arguments[0]}` failed (exit {done.returncode}); log {log}:\n{tail}")
+
+
+def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (or resume) one row; returns the budget so far (epochs, steps, wall-clock summed over sessions)."""
+    from pyro_lvm.checkpoints import load_checkpoint
+
+    folder = out / row.name
+    run = folder / "run"
+    last = run / "checkpoints" / "last.ckpt"
+    budget_path = folder / "budget.json"
+    if run.exists() and not args.resume:
+        if not args.overwrite:
+            raise SystemExit(
+                f"{run} exists. Pass --resume to continue it from {last.name}, or --overwrite to start again."
+            )
+        shutil.rmtree(run)
+        budget_path.unlink(missing_ok=True)
+    budget = json.loads(budget_path.read_text()) if budget_path.is_file() and args.resume else {"wall_clock_s": 0.0, "sessions": []}
+    config = _fit_config(row, out, data, args.seed, args)
+    command = ["fit", "--config", str(config)]
+    if args.resume and last.is_file():
+        command += ["--ckpt_path", str(last)]
+    start = time.perf_counter()
+    _cli(command, _env(args.threads), folder / "log.txt")
+    seconds = time.perf_counter() - start
+    checkpoint = load_checkpoint(str(last))
+    epochs, steps = int(checkpoint.get("epoch", -1)) + 1, int(checkpoint.get("global_step", 0))
+    resolved = yaml.safe_load(config.read_text())
+    max_epochs = resolved["trainer"].get("max_epochs")
+    batch_size = resolved["data"]["init_args"]["batch_size"]
+    # passes over the training set: the checkpoint's epoch counter is off by one for a run
+    # stopped by max_steps in the middle of an epoch
+    num_train = _num_train(row, resolved["data"]["init_args"])
+    passes = steps * batch_size / num_train if steps else float(epochs)
+    budget["wall_clock_s"] += seconds
+    budget["sessions"].append({"wall_clock_s": round(seconds, 1), "device": _device(), "epochs": epochs, "steps": steps})
+    budget.update(epochs=epochs, passes=round(passes, 2), steps=steps, max_epochs=max_epochs, device=_device(),
+                  seed=args.seed, batch_size=batch_size)
+    budget_path.write_text(json.dumps(budget, indent=2) + "\n")
+    return budget
+
+
+def _num_train(row: Row, data_args: dict[str, Any]) -> int:
+    if row.data == "binarized_mnist":
+        return 50000
+    return 60000 - int(data_args.get("val_size", 10000))
+
+
+def evaluate(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """``pyro-lvm evaluate`` on the test split; the row's number in the paper's units."""
+    folder = out / row.name
+    output = folder / f"evaluate_test_k{args.num_particles}.json"
+    command = ["evaluate", "--ckpt", str(folder / "run" / "checkpoints" / "last.ckpt"), "--split", "test",
+               "--num-particles", str(args.num_particles), "--seed", str(args.seed), "--output", str(output)]
+    if args.limit is not None:
+        command += ["--limit", str(args.limit)]
+    start = time.perf_counter()
+    _cli(command, _env(args.threads), folder / "log.txt")
+    seconds = time.perf_counter() - start
+    numbers = json.loads(output.read_text())
+    ll = float(numbers["log_likelihood"])
+    if row.kind == "nll":
+        ours = -ll
+    elif row.kind == "nice":
+        ours = ll + DIM * math.log(256.0)
+    else:
+        ours = ll + DIM * math.log(256.0) - _mean_logit_log_det(row, data, numbers["num_points"], args.seed)
+    return {"ours": ours, "stderr": float(numbers["log_likelihood_stderr"]), "bits_per_dim": numbers.get("bits_per_dim"),
+            "num_particles": int(numbers.get("num_particles") or args.num_particles),
+            "num_points": int(numbers["num_points"]), "evaluate_s": round(seconds, 1)}
+
+
+def _mean_logit_log_det(row: Row, data: Path, num_points: int, seed: int) -> float:
+    from pyro_lvm.data import MNISTDataModule
+
+    module = MNISTDataModule(root=_data_root(row, data), binarize="none", val_size=0)
+    x = module.datasets["test"].x[:num_points]
+    return float(logit_log_det(x, seed=seed).mean())
+
+
+def _status(row: Row, budget: dict[str, Any], quick: bool) -> str:
+    if quick:
+        return "quick budget (not the paper's)"
+    max_epochs = budget.get("max_epochs")
+    if row.kind == "nll" and max_epochs is not None and budget["passes"] >= max_epochs - 0.01:
+        return "paper's budget"
+    if row.kind != "nll":
+        return f"stopped after {budget['passes']:g} passes (early stopping or the cap of {max_epochs})"
+    return f"partial: {budget['passes']:g} of {max_epochs} passes"
+
+
+def _cells(result: dict[str, Any]) -> list[str]:
+    row = ROWS[result["row"]]
+    budget = result["budget"]
+    arrow = "higher" if row.higher_is_better else "lower"
+    return [
+        row.label,
+        f"{row.paper:.2f}",
+        f"{result['ours']:.2f} ± {result['stderr']:.2f}",
+        f"{result['ours'] - row.paper:+.2f} ({arrow} is better)",
+        f"{result['num_particles']} / {result['num_points']}",
+        f"{budget['passes']:g} passes ({budget['steps']} steps of {budget['batch_size']})",
+        f"{budget['wall_clock_s'] / 60:.1f} min",
+        budget["device"],
+        str(budget["seed"]),
+        result["status"],
+    ]
+
+
+HEADER = ["row", "paper", "ours", "ours - paper", "K / test points", "budget", "wall-clock", "device", "seed", "status"]
+
+
+def format_tables(results: Sequence[dict[str, Any]]) -> tuple[str, str]:
+    """The results as a Markdown table and a reStructuredText list-table."""
+    rows = [_cells(r) for r in results]
+    markdown = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    markdown += ["| " + " | ".join(cells) + " |" for cells in rows]
+    rst = [".. list-table::", "   :header-rows: 1", ""]
+    for cells in [HEADER, *rows]:
+        rst.append("   * - " + cells[0])
+        rst += [f"     - {cell}" for cell in cells[1:]]
+    return "\n".join(markdown) + "\n", "\n".join(rst) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--rows", default=None, help=f"comma-separated rows, or 'all' (default: all; --quick: "
+                        f"{','.join(QUICK['rows'])}). Rows: {', '.join(ROWS)}")
+    parser.add_argument("--quick", action="store_true", help=f"reduced budget for a CPU: {QUICK}")
+    parser.add_argument("--resume", action="store_true", help="continue each row's run from its last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start a row's run again if its folder exists")
+    parser.add_argument("--evaluate-only", action="store_true", help="evaluate the rows' existing last checkpoints")
+    parser.add_argument("--out", default=str(REPO / "runs" / "reproduce"), metavar="DIR", help="default: runs/reproduce")
+    parser.add_argument("--data", default=os.environ.get("PYRO_LVM_DATA", str(DEFAULT_DATA)), metavar="DIR",
+                        help="folder holding mnist/ and binarized_mnist/ (default: $PYRO_LVM_DATA or ../shared/data)")
+    parser.add_argument("--num-particles", type=int, default=None, help="K of the evaluation (default 5000; --quick 100)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N test images only (--quick: 1000)")
+    parser.add_argument("--max-epochs", type=int, default=None, help="override the config's epoch budget")
+    parser.add_argument("--max-steps", type=int, default=None, help="override the config's step budget")
+    parser.add_argument("--limit-train-batches", type=int, default=None, metavar="N",
+                        help="train on N batches per epoch only (smoke tests of a row)")
+    parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
+    parser.add_argument("--accelerator", default=None, help="override trainer.accelerator (cpu, gpu, auto)")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the training and evaluation")
+    parser.add_argument("--seed", type=int, default=0, help="seed_everything of training and the evaluation's seed")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
+    """Run the chosen rows; returns their results (also written to ``OUT/ROW/result.json`` and the tables)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.quick:
+        for key in ("max_steps", "batch_size", "num_particles", "limit"):
+            if getattr(args, key) is None:
+                setattr(args, key, QUICK[key])
+    args.num_particles = 5000 if args.num_particles is None else args.num_particles
+    names = QUICK["rows"] if args.rows is None and args.quick else (
+        list(ROWS) if args.rows in (None, "all") else [n.strip() for n in args.rows.split(",") if n.strip()])
+    unknown = [n for n in names if n not in ROWS]
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    for key in ("num_particles", "limit", "max_epochs", "max_steps", "batch_size", "threads", "limit_train_batches"):
+        value = getattr(args, key)
+        if value is not None and value < 1:
+            parser.error(f"--{key.replace('_', '-')} must be a positive integer; got {value}")
+    out, data = Path(args.out).resolve(), Path(args.data).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+    for name in names:
+        row = ROWS[name]
+        if not Path(_data_root(row, data)).is_dir():
+            parser.error(f"row {name} needs {data / row.data}; pass --data or set PYRO_LVM_DATA")
+        print(f"[{name}] training ({row.config.relative_to(REPO)}) ...", flush=True)
+        if args.evaluate_only:
+            budget = json.loads((out / name / "budget.json").read_text())
+        else:
+            budget = train(row, out, data, args)
+        print(f"[{name}] evaluating with K={args.num_particles} ...", flush=True)
+        result = {"row": name, "paper": row.paper, "source": row.source, **evaluate(row, out, data, args),
+                  "budget": budget, "quick": args.quick}
+        result["status"] = _status(row, budget, args.quick)
+        (out / name / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        results.append(result)
+        print(f"[{name}] ours {result['ours']:.2f} ± {result['stderr']:.2f}, paper {row.paper:.2f}", flush=True)
+    # the table holds every row with a result in OUT, in the order of ROWS
+    everything = [json.loads((out / n / "result.json").read_text()) for n in ROWS if (out / n / "result.json").is_file()]
+    markdown, rst = format_tables(everything)
+    (out / "results.md").write_text(markdown)
+    (out / "results.rst").write_text(rst)
+    print(markdown + f"Wrote {out / 'results.md'} and {out / 'results.rst'}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""The reproduction runner's ``--quick`` mode learns, and Burda et al.'s schedule and the logit units are right."""
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPRODUCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reproduce"
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+MNIST = DATA / "mnist"
+
+# Measured (2-core x86_64 CPU, one thread, torch 2.13): after the quick budget (600 steps of 100
+# images, about one pass over MNIST) the one-stochastic-layer VAE's test NLL on the first 1000
+# test images with K = 100 was 172.91 ± 1.36 nats (the same to 0.01 in three runs; fit 18-29 s,
+# evaluation 10-19 s, 27-55 s in all, depending on the load of the shared CPU). After a single step it scores 539.91, so a threshold of 190
+# (17 nats, about 12 standard errors, of margin) fails whenever learning breaks.
+QUICK_NLL_THRESHOLD = 190.0
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"reproduce_{name}", REPRODUCE / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_burda_schedule_has_3280_passes_and_the_paper_rates():
+    schedule = _load("schedule")
+    burda = schedule.BurdaSchedule()
+    assert burda.total_epochs == sum(3**i for i in range(8)) == 3280
+    stages = [schedule.burda_stage(e) for e in range(burda.total_epochs)]
+    for i in range(8):
+        assert stages.count(i) == 3**i  # stage i lasts 3^i passes
+    assert stages == sorted(stages)
+    rates = {burda.lr_at(e) for e in range(burda.total_epochs)}
+    assert sorted(rates, reverse=True) == pytest.approx([1e-3 * 10 ** (-i / 7) for i in range(8)])
+    assert burda.lr_at(10**6) == pytest.approx(1e-4)  # past the last stage the rate stays
+
+
+def test_burda_schedule_sets_every_group_of_the_optimizer():
+    schedule = _load("schedule")
+    burda = schedule.BurdaSchedule(lr=1e-3, eps=1e-4)
+    w, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.Adam([{"params": [w]}, {"params": [b], "lr": 1e-2}], lr=1e-3)
+
+    class Trainer:
+        optimizers = [optimizer]
+        current_epoch = 4  # stage 2
+
+    burda.on_train_epoch_start(Trainer(), None)
+    factor = 10 ** (-2 / 7)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * factor)
+    assert optimizer.param_groups[1]["lr"] == pytest.approx(1e-2 * factor)  # its own rate, same decay
+    assert all(group["eps"] == 1e-4 for group in optimizer.param_groups)
+
+
+def test_logit_log_det_matches_the_derivative_of_the_logit_map():
+    run = _load("run")
+    levels = torch.tensor([[0.0, 1.0, 0.5, 37 / 255]], dtype=torch.float64)
+    alpha = 1e-2
+    log_det = run.logit_log_det(levels, alpha=alpha, seed=3)
+    # the same dequantization, differentiated by autograd
+    u = torch.rand(levels.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    y = ((torch.round(levels * 255) + u) / 256).requires_grad_()
+    z = torch.logit(alpha + (1 - 2 * alpha) * y)
+    (grad,) = torch.autograd.grad(z.sum(), y)
+    assert log_det.item() == pytest.approx(grad.log().sum().item(), rel=1e-10)
+
+
+def test_every_row_has_a_config_that_names_its_paper_number():
+    run = _load("run")
+    for row in run.ROWS.values():
+        text = row.config.read_text()
+        assert str(abs(row.paper)) in text, row.name  # e.g. "86.76", "1323.2"
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not available in {MNIST}")
+def test_quick_mode_learns_the_one_layer_vae(tmp_path):
+    run = _load("run")
+    results = run.main(["--quick", "--out", str(tmp_path), "--data", str(DATA), "--threads", "1"])
+    (result,) = results
+    assert result["row"] == "burda_1layer_vae"
+    assert result["num_particles"] == 100 and result["num_points"] == 1000
+    assert result["budget"]["steps"] == 600
+    assert math.isfinite(result["ours"])
+    assert result["ours"] < QUICK_NLL_THRESHOLD, result
+    assert result["ours"] > 80.0, result  # below the paper's best would mean a broken estimate
+    saved = json.loads((tmp_path / "burda_1layer_vae" / "result.json").read_text())
+    assert saved["ours"] == pytest.approx(result["ours"])
+    markdown = (tmp_path / "results.md").read_text()
+    assert "86.76" in markdown and f"{result['ours']:.2f}" in markdown
+    assert ".. list-table::" in (tmp_path / "results.rst").read_text()
