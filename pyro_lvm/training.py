@@ -286,12 +286,10 @@ class LVMModule(pl.LightningModule):
         self.lr = lr
         # each callable gets the batch keys it accepts ("index" for a per-datapoint guide, ...)
         self.objective = ELBOModule(_accepting(model), _accepting(guide), estimator)
-        lvm = getattr(self, "lvm", None)
         self.fast_step = fast_step
-        self.fast_path_blocker = fast_path_blocker(lvm, guide, estimator) if fast_step else "fast_step=False"
-        self._fast = FastLoss(lvm, estimator) if self.fast_path_blocker is None else None
-        self._model_keys = _call_spec(model)[0] if self._fast is not None else set()
-        self._pyro_steps = 0  # training losses computed through Pyro (the first one checks everything)
+        self._model_keys = _call_spec(model)[0]
+        self._fast_elbo = None
+        self._fast_for(estimator)
         self.pyro_params = nn.ParameterDict()
         self._param_state: dict = {"params": {}, "constraints": {}}
         self._initialized = False
@@ -396,16 +394,27 @@ class LVMModule(pl.LightningModule):
         (:class:`pyro_lvm.estimators.fast.FastLoss`; see ``fast_step``).
         """
         args, kwargs, batch_size = self._inputs(batch)
-        if (
-            self._fast is not None and self._pyro_steps > 0 and len(args) == 1
-            and not self._model_keys.intersection(kwargs)
-        ):
+        fast = self._fast_for(self.objective.elbo)
+        if fast is not None and self._pyro_steps > 0 and len(args) == 1 and not self._model_keys.intersection(kwargs):
             with self._scope():
                 return self._fast(args[0]) / batch_size
         with self._scope():
             loss = self.objective(*args, **kwargs) / batch_size
         self._pyro_steps += 1
         return loss
+
+    def _fast_for(self, estimator: ELBO) -> Optional[FastLoss]:
+        """The fast loss for ``estimator``, rebuilt when the estimator was swapped (the next
+        step then runs through Pyro first, which checks the pair with the new estimator)."""
+        if self._fast_elbo is not estimator:
+            self._fast_elbo = estimator
+            lvm = getattr(self, "lvm", None)
+            self.fast_path_blocker = (
+                fast_path_blocker(lvm, self._guide, estimator) if self.fast_step else "fast_step=False"
+            )
+            self._fast = FastLoss(lvm, estimator) if self.fast_path_blocker is None else None
+            self._pyro_steps = 0  # training losses computed through Pyro (the first one checks everything)
+        return self._fast
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         beta = self.beta_schedule(self.global_step)

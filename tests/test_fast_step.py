@@ -198,3 +198,20 @@ def test_a_copied_module_keeps_its_fast_path():
     module = LVMModule(VAE(data_shape=4, latent_dim=2, hidden_dims=[8]), estimator="analytic_kl", latent_monitor=False)
     twin = copy.deepcopy(module)
     assert twin._fast is not None and twin._fast.lvm is twin.lvm
+
+
+def test_a_swapped_estimator_gets_its_own_path():
+    # e.g. pyro_lvm.diagnostics.gradient_variance swaps the module's estimator between draws
+    module = LVMModule(VAE(data_shape=4, latent_dim=2, hidden_dims=[8]), estimator="reparam", latent_monitor=False)
+    x = torch.bernoulli(torch.full((8, 4), 0.5))
+    module.initialize(x)
+    module(x)
+    module(x)
+    assert module._pyro_steps == 1 and not module._fast.analytic
+    module.estimator = module.objective.elbo = make_elbo("iwae", num_particles=3)
+    module(x)
+    assert module._fast is None and module.fast_path_blocker.startswith("estimator IWAEELBO")
+    module.estimator = module.objective.elbo = make_elbo("analytic_kl")
+    module(x)  # through Pyro first: the new estimator checks the pair
+    module(x)
+    assert module._fast.analytic and module._pyro_steps == 1
