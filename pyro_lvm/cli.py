@@ -619,10 +619,12 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
     else:
         model, guide, scope = _pair(module)
         with scope:
+            latent = _has_latents(guide, data["x"], _kwargs(data))
             result = evaluate(model, data["x"], guide=guide, compile={"true": True, "false": False}.get(
                 options.compile, "auto"), **common, **_kwargs(data))
+    exact = isinstance(flow, FlowModel) or not latent
     numbers = {"checkpoint": str(Path(options.ckpt).resolve()), "split": options.split,
-               "model": type(flow).__name__, "flow": isinstance(flow, FlowModel), **result.as_dict()}
+               "model": type(flow).__name__, "flow": isinstance(flow, FlowModel), "exact": exact, **result.as_dict()}
     output = Path(options.output) if options.output else _run_dir(options.ckpt) / f"evaluate_{options.split}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(numbers, indent=2) + "\n")
@@ -631,9 +633,20 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
     return numbers
 
 
+def _has_latents(guide: Callable, x: torch.Tensor, kwargs: dict) -> bool:
+    """Whether the guide draws any latent sample site for the first data point."""
+    from pyro import poutine
+
+    from .evaluation import _batch_kwargs
+
+    with torch.no_grad(), poutine.block():
+        trace = poutine.trace(guide).get_trace(x[:1], **_batch_kwargs(kwargs, 0, 1, len(x)))
+    return any(site["type"] == "sample" and not site["is_observed"] for site in trace.nodes.values())
+
+
 def _evaluation_table(n: dict[str, Any]) -> str:
     rows = [f"{n['model']} on {n['num_points']} {n['split']} points ({n['checkpoint']})"]
-    if n["flow"]:
+    if n["exact"]:  # a flow, or a pair without latent variables: nothing to sample
         rows += [f"  exact log-likelihood   {n['log_likelihood']:.3f} ± {n['log_likelihood_stderr']:.3f} nats per data point",
                  f"  bits/dim               {n['bits_per_dim']:.4f}"]
         return "\n".join(rows)
@@ -714,6 +727,11 @@ def diagnose_main(args: list[str]) -> Path:
     model, guide, scope = _pair(module)
     pl.seed_everything(options.seed, verbose=False)
     with scope:
+        if not _has_latents(guide, x, kwargs):
+            lines += [f"{type(lvm).__name__}'s guide draws no latent variable: its log-likelihood is exact, so "
+                      "there is no approximate posterior to diagnose (no k-hat, amortization gap, SBC or NUTS). "
+                      "Use `pyro-lvm evaluate` for its log-likelihood and bits/dim.", ""]
+            return _write_report(out, lines)
         lines += _khat_section(posterior_checks, model, guide, x, kwargs, options, out)
         lines += _kl_section(model, guide, x, kwargs, options, out)
         lines += _optional_sections(posterior_checks, model, guide, x, kwargs, options, out)

@@ -81,6 +81,7 @@ RUNS = {
     "cvae": ("cvae_digits_quadrants.yaml", "cvae_digits_quadrants"),
     "flow_posterior": ("vae_digits_flow_posterior.yaml", "vae_digits_flow_posterior"),
     "user_pair": (None, "user_pair"),
+    "baseline": ("baseline_digits_quadrants.yaml", "baseline_digits_quadrants"),
 }
 # runs of models with latents: every posterior check applies, but NUTS and the gap to a discrete latent
 LATENT = ["vae", "conv_vae", "discrete_vae", "hvae", "cvae", "flow_posterior", "user_pair"]
@@ -99,7 +100,7 @@ def runs(tmp_path_factory):
         mp.setattr("sys.argv", ["pyro-lvm"])
         for name, (config, folder) in RUNS.items():
             path = root / "user_pair.yaml" if config is None else REPO / "configs" / config
-            extra = ["--test_after_fit=false"] if name == "flow" else []
+            extra = ["--test_after_fit=false"] if name in ("flow", "baseline") else []
             main(["fit", f"--config={path}", *TINY, *QUIET, *extra])
             out[name] = root / "runs" / folder / "version_0" / "checkpoints" / "last.ckpt"
         yield out
@@ -247,3 +248,17 @@ def test_evaluate_with_the_compiled_kernel_gives_the_same_numbers(runs, tmp_path
     # the same seed, the same draws: only float32 rounding of the likelihood's sum differs
     assert out["true"]["log_likelihood"] == pytest.approx(out["false"]["log_likelihood"], abs=1e-3)
     assert out["true"]["elbo"] == pytest.approx(out["false"]["elbo"], abs=1e-3)
+
+
+def test_a_pair_without_latents_is_evaluated_exactly_and_not_diagnosed(runs, tmp_path, capsys):
+    # the CVAE's deterministic baseline: p(y | x) with no latent variable
+    output = tmp_path / "baseline.json"
+    main(["evaluate", f"--ckpt={runs['baseline']}", "--num-particles=7", "--limit=12", f"--output={output}"])
+    saved = json.loads(output.read_text())
+    assert saved["exact"] and not saved["flow"] and saved["kl"] == 0.0
+    assert saved["log_likelihood"] == pytest.approx(saved["elbo"], abs=1e-6)  # every particle's weight is p(x)
+    assert "exact log-likelihood" in capsys.readouterr().out
+    out = tmp_path / "baseline_diagnose"
+    main(["diagnose", f"--ckpt={runs['baseline']}", f"--output-dir={out}"])
+    report = (out / "report.md").read_text()
+    assert "draws no latent variable" in report and not (out / "khat_histogram.png").exists()
