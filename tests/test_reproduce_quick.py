@@ -81,6 +81,19 @@ def test_every_row_has_a_config_that_names_its_paper_number():
         assert str(abs(row.paper)) in text, row.name  # e.g. "86.76", "1323.2"
 
 
+def test_every_row_leaves_a_last_checkpoint_to_resume_from():
+    # Lightning writes last.ckpt at an epoch's end only alongside another checkpoint: with
+    # save_top_k 0 a long run would leave nothing to --resume from until it finished
+    import yaml
+
+    run = _load("run")
+    for row in run.ROWS.values():
+        callbacks = yaml.safe_load(row.config.read_text())["trainer"]["callbacks"]
+        checkpoints = [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+        assert len(checkpoints) == 1, row.name
+        assert checkpoints[0].get("save_last") and checkpoints[0].get("save_top_k", 1) != 0, row.name
+
+
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not available in {MNIST}")
 def test_quick_mode_learns_the_one_layer_vae(tmp_path):
     run = _load("run")
