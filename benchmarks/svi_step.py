@@ -87,10 +87,12 @@ import pyro.infer.util
 import torch
 import torch.nn.functional as F
 from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceGraph_ELBO
-from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from pyro_lvm import VAE, LVMModule
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from score_function import _Reinforce  # noqa: E402  Pyro's stock score-function recipe, shared
 
 REFERENCE = "torch"
 CANDIDATE = "pyro_lvm"
@@ -233,13 +235,7 @@ def torch_step(config: Config, vae: VAE, lr: float) -> Step:
     return step
 
 
-class _NonReparameterized(Messenger):
-    """Pyro's stock score-function recipe: guide latents without rsample, a decaying-average baseline.
-
-    Applied outside the guide, so that it sees each site after ``pyro.plate`` expanded it.
-    """
-
-    def _pyro_sample(self, msg) -> None:
+def _pyro_sample(self, msg) -> None:
         if not msg["is_observed"]:
             fn = msg["fn"]
             while isinstance(fn, torch.distributions.Independent):  # its has_rsample is its base's
@@ -252,7 +248,7 @@ def svi_step(elbo: str, vae: VAE, lr: float) -> Step:
     state: dict = {"params": {}, "constraints": {}}  # a private param store, as LVMModule has
     guide = vae.guide
     if elbo == "TraceGraph_ELBO":
-        guide, loss = _NonReparameterized()(vae.guide), TraceGraph_ELBO()
+        guide, loss = _Reinforce()(vae.guide), TraceGraph_ELBO()
     elif elbo == "JitTrace_ELBO":
         loss = JitTrace_ELBO(ignore_jit_warnings=True)
     else:
