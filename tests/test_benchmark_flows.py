@@ -53,10 +53,12 @@ def test_quick_run_prints_finite_rows_and_skips_missing_peers(capsys, tmp_path, 
     rows = table_rows(out, names)
     assert set(rows) == set(names) and "zuko RealNVP" not in table_rows(out, ["zuko RealNVP"])
     for name, cells in rows.items():
-        # params, ms/step, (min-max), examples/s, ratio, test NLL, bits/dim ("-" for 2-d data)
-        params, ms, _, per_second, ratio, nll, bpd = cells[:7]
+        # params, ms/step, (min-max), examples/s, ratio, (quartiles of the ratio), test NLL, bits/dim ("-" for 2-d)
+        params, ms, _, per_second, ratio, quartiles, nll, bpd = cells[:8]
         assert int(params) > 0
         assert all(math.isfinite(float(v)) and float(v) > 0 for v in (ms, per_second, ratio))
+        low, high = (float(q) for q in quartiles.strip("()").split("-"))
+        assert 0 < low <= float(ratio) <= high  # the median lies between the quartiles
         assert math.isfinite(float(nll)) and bpd == "-"
     assert float(rows["pyro_lvm RealNVP"][4]) == 1.0  # the reference's paired ratio to itself
     # both trained the same number of steps: warmup + rounds x steps

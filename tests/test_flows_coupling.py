@@ -398,3 +398,26 @@ def test_sigmoid_scale_contracts_towards_the_base_and_trains_with_actnorm():
     end = -flow.log_prob(data).mean().item()
     print(f"ring NLL {start:.3f} -> {end:.3f}")
     assert math.isfinite(end) and end < start - 0.3, (start, end)
+
+
+def test_tanh_log_scale_is_c_tanh_r_in_both_signs():
+    # computed as 2c sigmoid(2r) - c (cheaper on CPU): the same function as c tanh(r)
+    from pyro_lvm.flows.coupling import _signed_log_scale
+
+    r = torch.linspace(-30, 30, 601, dtype=torch.float64).reshape(-1, 3)
+    c = torch.tensor([0.5, -1.0, 2.0], dtype=torch.float64)
+    expected = c * torch.tanh(r)
+    assert torch.allclose(_signed_log_scale(r, "tanh", c, 1.0), expected, rtol=0, atol=1e-14)
+    assert torch.allclose(_signed_log_scale(r, "tanh", c, -1.0), -expected, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape, mask", [(5, "half"), ((2, 4, 4), "checkerboard")])
+def test_log_det_kept_from_the_pass_equals_a_fresh_one(shape, mask):
+    t = make(AffineCoupling, shape, mask=mask)
+    x = torch.randn((7,) + ((shape,) if isinstance(shape, int) else shape), dtype=torch.float64)
+    y = t(x)
+    kept = t.log_abs_det_jacobian(x, y)  # from the forward pass
+    assert torch.allclose(kept, t.log_abs_det_jacobian(x.clone(), y.clone()), atol=1e-12)  # recomputed
+    y_again = y.clone()
+    x_back = t.inv(y_again)  # the data-to-base pass, as log_prob runs it, keeps -(-s) summed
+    assert torch.allclose(t.log_abs_det_jacobian(x_back, y_again), kept, atol=1e-10)

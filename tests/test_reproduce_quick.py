@@ -110,3 +110,23 @@ def test_quick_mode_learns_the_one_layer_vae(tmp_path):
     markdown = (tmp_path / "results.md").read_text()
     assert "86.76" in markdown and f"{result['ours']:.2f}" in markdown
     assert ".. list-table::" in (tmp_path / "results.rst").read_text()
+    # a resumed run keeps the earlier session's curve (Lightning's CSV logger would overwrite
+    # metrics.csv), its budget sums the sessions, and curves.py draws the whole curve
+    resumed = run.main(["--quick", "--resume", "--max-steps", "640", "--out", str(tmp_path), "--data", str(DATA),
+                        "--threads", "1", "--num-particles", "10", "--limit", "100"])
+    folder = tmp_path / "burda_1layer_vae" / "run"
+    assert (folder / "metrics.session1.csv").is_file() and (folder / "metrics.csv").is_file()
+    assert resumed[0]["budget"]["steps"] == 640 and len(resumed[0]["budget"]["sessions"]) == 2
+    curves = _load("curves")
+    passes, values = curves.read_curve(folder)
+    assert passes[0] == 1 and values[0] > result["ours"] - 20  # epoch 1's training objective: a bound above the NLL
+    figure = tmp_path / "curves.png"
+    assert curves.main(["--out", str(tmp_path), "--figure", str(figure)]) == ["burda_1layer_vae"]
+    assert figure.stat().st_size > 10_000
+
+
+def test_status_compares_with_the_rows_own_budget_whatever_max_epochs_asked():
+    run = _load("run")
+    row = run.ROWS["burda_1layer_iwae50"]
+    assert run._status(row, {"passes": 4.0, "max_epochs": 3280}, quick=False) == "partial: 4 of 3280 passes"
+    assert run._status(row, {"passes": 3280.0, "max_epochs": 3280}, quick=False) == "paper's budget"

@@ -1,0 +1,135 @@
+"""Learning curves of the reproduction rows, one figure for the docs' Reproducibility page.
+
+For every row with a run under ``OUT`` (``OUT/ROW/run/metrics*.csv``, as
+``benchmarks/reproduce/run.py`` leaves it, one file per session of a resumed run), the curve
+of the row's training objective per epoch (``train/loss_epoch``: the negative of the bound its
+estimator maximizes, averaged over the epoch's mini-batches, in nats per image) against
+passes over the training set (log scale), with the row's evaluated test number
+(``OUT/ROW/result.json``) as a marker at the end of its run and, for the binarized rows, the
+paper's number as a marker at the paper's budget, so a short run shows where it was heading.
+A row's bound lies above its test NLL (by the bound's gap; less for larger ``k``).
+
+    python benchmarks/reproduce/curves.py --out runs/reproduce --figure docs/_static/reproduce_curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Optional, Sequence
+
+import yaml
+
+if __package__ in (None, ""):  # run as a script: import the runner as a sibling module
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run import REPO, ROWS  # type: ignore[no-redef]
+else:
+    from .run import REPO, ROWS
+
+__all__ = ["read_curve", "plot_curves", "main"]
+
+PANELS = {
+    "one stochastic layer, dynamic binarization": [
+        "burda_1layer_vae", "burda_1layer_iwae5", "burda_1layer_iwae50",
+        "beyond_1layer_dreg50", "beyond_1layer_iaf_iwae50", "beyond_1layer_savae",
+    ],
+    "two stochastic layers (dynamic) and static binarization": [
+        "burda_2layer_vae", "burda_2layer_iwae5", "burda_2layer_iwae50", "static_vae", "static_iwae50",
+    ],
+    "flows on dequantized MNIST": ["nice_mnist", "realnvp_maf_mnist"],
+}
+
+
+def read_curve(run: Path) -> tuple[list[int], list[float]]:
+    """(passes, ``train/loss_epoch``) per epoch of a run, over its sessions' metrics files.
+
+    ``run.py`` moves a run's ``metrics.csv`` to ``metrics.sessionN.csv`` before resuming it
+    (Lightning's CSV logger would overwrite it), so the curve reads them in order and then
+    ``metrics.csv``; an epoch logged twice keeps its last value.
+    """
+    files = sorted(run.glob("metrics.session*.csv"), key=lambda p: int(p.stem.split("session")[-1]))
+    by_epoch: dict[int, float] = {}
+    for path in [*files, run / "metrics.csv"]:
+        if not path.is_file():
+            continue
+        with path.open() as stream:
+            for record in csv.DictReader(stream):
+                value = record.get("train/loss_epoch") or ""
+                if value:
+                    by_epoch[int(record["epoch"]) + 1] = float(value)
+    passes = sorted(by_epoch)
+    return passes, [by_epoch[p] for p in passes]
+
+
+def plot_curves(out: Path, figure: Path, rows: Optional[Sequence[str]] = None) -> list[str]:
+    """Draw one panel per group of rows that has runs in ``out``; returns the rows drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = {title: [n for n in names if (rows is None or n in rows) and any((out / n / "run").glob("metrics*.csv"))]
+              for title, names in PANELS.items()}
+    panels = {title: names for title, names in panels.items() if names}
+    if not panels:
+        raise SystemExit(f"no run with a metrics.csv under {out}; train rows with benchmarks/reproduce/run.py first")
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    drawn = []
+    for ax, (title, names) in zip(axes[0], panels.items()):
+        flow = all(ROWS[n].kind != "nll" for n in names)
+        for k, name in enumerate(names):
+            row, color = ROWS[name], f"C{k}"
+            passes, values = read_curve(out / name / "run")
+            if flow:  # nats per image -> bits/dim
+                values = [v / (784 * math.log(2)) for v in values]
+            if not passes:
+                continue
+            drawn.append(name)
+            ax.plot(passes, values, color=color, lw=1.4, label=name)
+            result_path = out / name / "result.json"
+            if result_path.is_file():
+                result = json.loads(result_path.read_text())
+                ours = result["bits_per_dim"] if flow else result["ours"]
+                ax.plot([passes[-1]], [ours], "o", color=color, ms=6)
+            if not flow:  # the paper's number at the paper's budget (the row config's epochs)
+                budget = yaml.safe_load(row.config.read_text())["trainer"]["max_epochs"]
+                ax.plot([budget], [row.paper], "*", color=color, ms=11, mec="k", mew=0.5)
+        ax.set_xscale("log")
+        ax.set_xlabel("passes over the training set")
+        ax.set_ylabel("training objective, bits/dim" if flow else "training objective (-bound), nats per image")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7, loc="upper right")
+    fig.suptitle("lines: each row's training objective per epoch;  o: our test number at the end of the run;  "
+                 "*: the paper's number at its budget", fontsize=9)
+    fig.tight_layout()
+    figure.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def main(argv: Optional[Sequence[str]] = None) -> list[str]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(REPO / "runs" / "reproduce"), metavar="DIR",
+                        help="the runner's output folder (default: runs/reproduce)")
+    parser.add_argument("--figure", default=str(REPO / "docs" / "_static" / "reproduce_curves.png"),
+                        metavar="PNG", help="default: docs/_static/reproduce_curves.png")
+    parser.add_argument("--rows", default=None, help="comma-separated rows (default: every row with a run)")
+    args = parser.parse_args(argv)
+    rows = None if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in rows or [] if n not in ROWS]
+    if unknown:
+        parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
+    drawn = plot_curves(Path(args.out), Path(args.figure), rows)
+    print(f"Wrote {args.figure} ({', '.join(drawn)})")
+    return drawn
+
+
+if __name__ == "__main__":
+    main()
