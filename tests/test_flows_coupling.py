@@ -421,3 +421,28 @@ def test_log_det_kept_from_the_pass_equals_a_fresh_one(shape, mask):
     y_again = y.clone()
     x_back = t.inv(y_again)  # the data-to-base pass, as log_prob runs it, keeps -(-s) summed
     assert torch.allclose(t.log_abs_det_jacobian(x_back, y_again), kept, atol=1e-10)
+
+
+def test_full_batch_training_on_one_tensor_never_reuses_a_stale_cache():
+    # torch's cache keys on the input tensor only: a loop over a fixed tensor got the last step's
+    # output (its graph already freed) and failed at the second backward
+    torch.manual_seed(0)
+    x = torch.randn(128, 2) * torch.tensor([2.0, 0.5])
+    stack = realnvp(2, num_layers=4, hidden=(16,), actnorm=True)
+    flow = dist.TransformedDistribution(dist.Normal(torch.zeros(2), torch.ones(2)).to_event(1), list(stack))
+    optimizer = torch.optim.Adam(stack.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        optimizer.zero_grad()
+        loss = -flow.log_prob(x).mean()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5
+    # the cache still serves an unchanged layer: the same output object for the same input
+    layer = stack[1]
+    y = layer(x)
+    assert layer(x) is y and layer.inv(y) is x
+    with torch.no_grad():
+        next(layer.parameters()).add_(0.1)  # any in-place update of a parameter invalidates it
+    assert layer(x) is not y

@@ -12,6 +12,8 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import Transform
 
+from ._cache import ParameterAwareCache
+
 __all__ = [
     "coupling_mask",
     "AdditiveCoupling",
@@ -184,7 +186,7 @@ def _run_net(
     return out.unbind(-event_dim - 1)
 
 
-class _Coupling(TransformModule):
+class _Coupling(ParameterAwareCache, TransformModule):
     """Shared plumbing of the coupling layers (masks, nets, constraints)."""
 
     bijective = True

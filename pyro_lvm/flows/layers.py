@@ -8,6 +8,8 @@ import torch
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import Transform, constraints
 
+from ._cache import ParameterAwareCache
+
 __all__ = ["ActNorm", "DiagonalScaling", "InvertibleConv1x1", "Squeeze"]
 
 
@@ -29,7 +31,7 @@ def _check_features(x: torch.Tensor, dim: int, num_features: int, name: str) -> 
         )
 
 
-class ActNorm(TransformModule):
+class ActNorm(ParameterAwareCache, TransformModule):
     r"""Activation normalization: a per-feature affine map with data-dependent initialization.
 
     With :math:`c` indexing the feature dim (``dim=-1`` for vectors, ``dim=-3`` for the channels of
@@ -124,7 +126,7 @@ class ActNorm(TransformModule):
         return value.expand(x.shape[: x.dim() + self.dim])
 
 
-class InvertibleConv1x1(TransformModule):
+class InvertibleConv1x1(ParameterAwareCache, TransformModule):
     r"""Invertible 1x1 convolution: a learnable invertible linear map of the feature dim, in LU form.
 
     For images the same :math:`C \times C` matrix :math:`W` mixes the channels at every pixel; for
@@ -305,7 +307,7 @@ class Squeeze(Transform):
         return x.new_zeros(x.shape[:-3])
 
 
-class DiagonalScaling(TransformModule):
+class DiagonalScaling(ParameterAwareCache, TransformModule):
     r"""Learnable diagonal scaling, the final layer of NICE.
 
     With one learnable log-scale :math:`s_i` per coordinate of the event:

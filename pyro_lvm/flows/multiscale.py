@@ -10,10 +10,12 @@ from torch import nn
 from torch.distributions import Transform, constraints
 from torch.distributions.utils import _sum_rightmost
 
+from ._cache import ParameterAwareCache
+
 __all__ = ["FactorOut"]
 
 
-class FactorOut(TransformModule):
+class FactorOut(ParameterAwareCache, TransformModule):
     r"""Pass the first ``split`` features through unchanged and transform the rest by an inner flow.
 
     With the features (channels of images, entries of vectors) split as :math:`u = (u_1, u_2)`,

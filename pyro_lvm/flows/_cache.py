@@ -1,0 +1,49 @@
+"""A one-entry transform cache that also keys on the parameters' versions."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ParameterAwareCache:
+    """Mixin for a :class:`~pyro.distributions.torch_transform.TransformModule` with ``cache_size=1``.
+
+    torch's cache returns the last output whenever the input is the same tensor object. In a
+    training loop over a fixed tensor (full-batch training, ``flow.log_prob(data)`` at every
+    step) that output is stale after the optimizer's step, and its graph has been freed by the
+    last ``backward``: the second step fails with "Trying to backward through the graph a second
+    time". Here a cached value is reused only if, besides the input, no parameter of the
+    layer has changed since (every in-place update, ``optimizer.step()`` or
+    ``load_state_dict``, bumps a tensor's version counter), so the cache still serves what it
+    is for (``log_prob`` of a value the flow has just sampled) and never a stale result.
+    """
+
+    def _parameter_version(self) -> int:
+        params = self.__dict__.get("_cache_parameters")
+        if params is None:
+            params = self.__dict__["_cache_parameters"] = tuple(self.parameters())
+        return sum(p._version for p in params)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self._cache_size == 0:
+            return self._call(x)
+        x_old, y_old = self._cached_x_y
+        version = self._parameter_version()
+        if x is x_old and self.__dict__.get("_cached_version") == version:
+            return y_old
+        y = self._call(x)
+        self.__dict__["_cached_x_y"] = (x, y)
+        self.__dict__["_cached_version"] = version
+        return y
+
+    def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
+        if self._cache_size == 0:
+            return self._inverse(y)
+        x_old, y_old = self._cached_x_y
+        version = self._parameter_version()
+        if y is y_old and self.__dict__.get("_cached_version") == version:
+            return x_old
+        x = self._inverse(y)
+        self.__dict__["_cached_x_y"] = (x, y)
+        self.__dict__["_cached_version"] = version
+        return x
