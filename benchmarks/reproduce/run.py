@@ -284,6 +284,9 @@ def _status(row: Row, budget: dict[str, Any], quick: bool) -> str:
     if row.kind == "nll" and max_epochs is not None and budget["passes"] >= max_epochs - 0.01:
         return "paper's budget"
     if row.kind != "nll":
+        # the flow configs stop after 30 epochs without a better validation likelihood
+        if budget["passes"] <= 30:
+            return f"partial: {budget['passes']:g} passes (the config trains up to {max_epochs}, with early stopping)"
         return f"stopped after {budget['passes']:g} passes (early stopping or the cap of {max_epochs})"
     return f"partial: {budget['passes']:g} of {max_epochs} passes"
 

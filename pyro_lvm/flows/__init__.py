@@ -13,6 +13,12 @@ exact, with no lower bound. :func:`nice` and :func:`realnvp` build stacks, and
 :class:`pyro_lvm.FlowModel` trains one by maximum likelihood (multi-scale RealNVP with
 :class:`FactorOut`). The same layers make flow priors and posteriors of a VAE (see
 :class:`pyro_lvm.VAE`'s ``prior_flow`` and ``posterior_flow``).
+
+The layers with parameters cache their last input and output (``cache_size=1``), as torch's
+transforms do, so ``log_prob`` of a value the flow has just sampled costs no inversion. Unlike
+torch's cache, theirs is also keyed on the parameters' versions: a loop that trains on one
+fixed tensor (full-batch training) recomputes after every optimizer step instead of reusing
+the previous step's output, whose graph ``backward`` has already freed.
 """
 
 from .coupling import AdditiveCoupling, AffineCoupling, ConditionalAffineCoupling, coupling_mask
