@@ -9,7 +9,7 @@ passes over the training set (log scale), with the row's evaluated test number
 paper's number as a marker at the paper's budget, so a short run shows where it was heading.
 A row's bound lies above its test NLL (by the bound's gap; less for larger ``k``).
 
-    python benchmarks/reproduce/curves.py --out runs/reproduce --figure docs/_static/reproduce_curves.png
+    python benchmarks/reproduce/curves.py --out runs/reproduce --figure docs/benchmarks/reproduce_curves.png
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import yaml
 
@@ -66,36 +66,47 @@ def read_curve(run: Path) -> tuple[list[int], list[float]]:
     return passes, [by_epoch[p] for p in passes]
 
 
-def plot_curves(out: Path, figure: Path, rows: Optional[Sequence[str]] = None) -> list[str]:
-    """Draw one panel per group of rows that has runs in ``out``; returns the rows drawn."""
+def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[Sequence[str]] = None) -> list[str]:
+    """Draw one panel per group of rows that has runs in ``out``; returns the rows drawn.
+
+    ``out`` may be several output folders: each row is drawn from the first that has its run.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = {title: [n for n in names if (rows is None or n in rows) and any((out / n / "run").glob("metrics*.csv"))]
-              for title, names in PANELS.items()}
+    folders = [Path(out)] if isinstance(out, (str, Path)) else [Path(o) for o in out]
+    homes: dict[str, list[Path]] = {}  # row -> the folders with a run of it, in the order given
+    for name in ROWS:
+        found = [folder for folder in folders if any((folder / name / "run").glob("metrics*.csv"))]
+        if found:
+            homes[name] = found
+    panels = {title: [n for n in names if (rows is None or n in rows) and n in homes] for title, names in PANELS.items()}
     panels = {title: names for title, names in panels.items() if names}
     if not panels:
-        raise SystemExit(f"no run with a metrics.csv under {out}; train rows with benchmarks/reproduce/run.py first")
+        raise SystemExit(f"no run with a metrics.csv under {', '.join(map(str, folders))}; "
+                         "train rows with benchmarks/reproduce/run.py first")
     fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
     drawn = []
     for ax, (title, names) in zip(axes[0], panels.items()):
         flow = all(ROWS[n].kind != "nll" for n in names)
         for k, name in enumerate(names):
             row, color = ROWS[name], f"C{k}"
-            passes, values = read_curve(out / name / "run")
-            if flow:  # nats per image -> bits/dim
-                values = [v / (784 * math.log(2)) for v in values]
-            if not passes:
-                continue
+            for j, folder in enumerate(homes[name]):  # the first folder solid, other runs of the row dashed
+                passes, values = read_curve(folder / name / "run")
+                if not passes:
+                    continue
+                if flow:  # nats per image -> bits/dim
+                    values = [v / (784 * math.log(2)) for v in values]
+                label = name if j == 0 else f"{name} ({folder.name})"
+                ax.plot(passes, values, color=color, lw=1.4, ls="-" if j == 0 else "--", label=label)
+                result_path = folder / name / "result.json"
+                if result_path.is_file():
+                    result = json.loads(result_path.read_text())
+                    ours = result["bits_per_dim"] if flow else result["ours"]
+                    ax.plot([passes[-1]], [ours], "o" if j == 0 else "s", color=color, ms=6, mfc="none" if j else color)
             drawn.append(name)
-            ax.plot(passes, values, color=color, lw=1.4, label=name)
-            result_path = out / name / "result.json"
-            if result_path.is_file():
-                result = json.loads(result_path.read_text())
-                ours = result["bits_per_dim"] if flow else result["ours"]
-                ax.plot([passes[-1]], [ours], "o", color=color, ms=6)
             if not flow:  # the paper's number at the paper's budget (the row config's epochs)
                 budget = yaml.safe_load(row.config.read_text())["trainer"]["max_epochs"]
                 ax.plot([budget], [row.paper], "*", color=color, ms=11, mec="k", mew=0.5)
@@ -116,17 +127,18 @@ def plot_curves(out: Path, figure: Path, rows: Optional[Sequence[str]] = None) -
 
 def main(argv: Optional[Sequence[str]] = None) -> list[str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default=str(REPO / "runs" / "reproduce"), metavar="DIR",
-                        help="the runner's output folder (default: runs/reproduce)")
-    parser.add_argument("--figure", default=str(REPO / "docs" / "_static" / "reproduce_curves.png"),
-                        metavar="PNG", help="default: docs/_static/reproduce_curves.png")
+    parser.add_argument("--out", nargs="+", default=[str(REPO / "runs" / "reproduce")], metavar="DIR",
+                        help="the runner's output folder(s); a row is drawn from the first that has it "
+                             "(default: runs/reproduce)")
+    parser.add_argument("--figure", default=str(REPO / "docs" / "benchmarks" / "reproduce_curves.png"),
+                        metavar="PNG", help="default: docs/benchmarks/reproduce_curves.png")
     parser.add_argument("--rows", default=None, help="comma-separated rows (default: every row with a run)")
     args = parser.parse_args(argv)
     rows = None if args.rows is None else [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in rows or [] if n not in ROWS]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
-    drawn = plot_curves(Path(args.out), Path(args.figure), rows)
+    drawn = plot_curves([Path(o) for o in args.out], Path(args.figure), rows)
     print(f"Wrote {args.figure} ({', '.join(drawn)})")
     return drawn
 
