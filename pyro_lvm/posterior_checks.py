@@ -27,7 +27,7 @@ __all__ = [
 ]
 
 
-def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def psislw(log_weights: np.ndarray, rtol: float = 1e-9) -> tuple[np.ndarray, np.ndarray]:
     """Pareto-smoothed log weights and k-hat, draws on the last axis, on ArviZ 0.x and 1.x.
 
     ArviZ 0.x has ``arviz.psislw(log_weights, reff)``; ArviZ 1.x moved PSIS to
@@ -38,6 +38,9 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     Arguments:
         log_weights: array ``(..., S)`` of log importance weights (unnormalized).
+        rtol: a row counts as equal weights when its range is at most ``rtol`` times
+            ``1 + max |log w|``: the rounding of the precision the weights were computed in
+            (float32 log weights of an exact guide differ by rounding alone).
 
     Example:
         >>> lw, khat = psislw(np.zeros((2, 100)))  # equal weights
@@ -48,7 +51,7 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     log_weights = np.asarray(log_weights, dtype=np.float64)
     # equal weights (q is the exact posterior) leave no tail to fit: bounded weights, k = -inf
-    flat = np.ptp(log_weights, axis=-1) <= 1e-9 * (1.0 + np.abs(log_weights).max(axis=-1))
+    flat = np.ptp(log_weights, axis=-1) <= rtol * (1.0 + np.abs(log_weights).max(axis=-1))
     smoothed = log_weights - np.logaddexp.reduce(log_weights, axis=-1, keepdims=True)
     khat = np.full(log_weights.shape[:-1], -np.inf)
     rows = ~flat
@@ -62,6 +65,15 @@ def psislw(log_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             lw, k = array_stats.psislw(-log_weights[rows], r_eff=1.0, axis=-1)
         smoothed[rows], khat[rows] = np.asarray(lw), np.asarray(k)
     return smoothed, khat
+
+
+def _rounding(x: torch.Tensor) -> float:
+    """The relative spread below which log weights are equal but for rounding.
+
+    The weights come back in float64, but they were computed in the data's precision (float32
+    unless the data are float64).
+    """
+    return 1e-9 if x.dtype == torch.float64 else 100 * torch.finfo(torch.float32).eps
 
 
 def _draws(
@@ -168,7 +180,7 @@ def psis_khat(
         raise ValueError(f"psis_khat needs num_particles >= 2 (PSIS fits the tail of many weights); got {num_particles}.")
     model, guide, x = _resolve_pair(model, guide, x)
     log_w = _draws(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs, False)["log_weights"]
-    _, khat = psislw(log_w.T.cpu().numpy())
+    _, khat = psislw(log_w.T.cpu().numpy(), rtol=_rounding(x))
     return torch.as_tensor(khat, dtype=torch.float64)
 
 
@@ -238,7 +250,7 @@ def to_inference_data(
     model, guide, x = _resolve_pair(model, guide, x)
     draws = _draws(model, guide, x, num_samples, chunk_size, batch_size, data_plate, kwargs, True)
     log_w = draws["log_weights"]
-    _, khat = psislw(log_w.T.cpu().numpy())
+    _, khat = psislw(log_w.T.cpu().numpy(), rtol=_rounding(x))
 
     def chain(t: torch.Tensor) -> np.ndarray:
         return t.cpu().numpy()[None]

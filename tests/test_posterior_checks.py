@@ -149,3 +149,13 @@ def test_to_inference_data_groups_dims_and_summary_match_the_guide():
         warnings.simplefilter("ignore", UserWarning)
         loo = az.loo(idata, pointwise=True)
     assert loo["loo_i"].shape == (3,)
+
+
+def test_exact_guide_in_float32_has_equal_weights_not_a_noise_tail(x):
+    # the weights of the exact posterior differ by float32 rounding only: k-hat is -inf (bounded
+    # weights), not a Pareto fit to the rounding noise
+    pyro.set_rng_seed(0)
+    khat = psis_khat(model, guide_for(1.0), x.float(), num_particles=1000)
+    assert torch.isneginf(khat).all()
+    # a guide only 1% too narrow is not exact: its weights have a real (light) tail
+    assert torch.isfinite(psis_khat(model, guide_for(1.01), x.float(), num_particles=1000)).all()
