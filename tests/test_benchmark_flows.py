@@ -5,6 +5,7 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 torch.set_num_threads(1)
@@ -90,3 +91,14 @@ def test_fresh_pyro_lvm_flow_is_a_volume_preserving_shift_so_its_test_nll_is_the
     assert (u - data.test).abs().max() > 1e-2  # not the identity: the check could fail
     expected = -torch.distributions.Normal(0.0, 1.0).log_prob(u).sum(-1).mean()
     assert math.isclose(results["pyro_lvm RealNVP"]["nll"], float(expected), rel_tol=1e-5)
+
+
+def test_speed_verdict_needs_a_significant_majority_of_rounds_to_fail():
+    flows = load_script()
+    assert flows.sign_test_p(7, 8) == pytest.approx(9 / 256)  # C(8,7) + C(8,8) of 2^8
+    assert flows.sign_test_p(6, 8) == pytest.approx(37 / 256)
+    assert flows.sign_test_p(0, 8) == 1.0
+    peer = {"ratio": 0.99, "faster_rounds": 5, "rounds": 8}
+    assert flows._speed_verdict(peer).startswith("met within noise")
+    assert flows._speed_verdict({**peer, "faster_rounds": 8}).startswith("NOT met")
+    assert flows._speed_verdict({**peer, "ratio": 1.0, "faster_rounds": 8}) == "met"

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import torch
+from torch.distributions.transforms import _InverseTransform
 
 
 class ParameterAwareCache:
     """Mixin for a :class:`~pyro.distributions.torch_transform.TransformModule` with ``cache_size=1``.
+
+    It also keeps the layer's inverse transform (torch rebuilds it whenever its weak
+    reference has died, that is once per ``log_prob``).
 
     torch's cache returns the last output whenever the input is the same tensor object. In a
     training loop over a fixed tensor (full-batch training, ``flow.log_prob(data)`` at every
@@ -17,6 +21,15 @@ class ParameterAwareCache:
     ``load_state_dict``, bumps a tensor's version counter), so the cache still serves what it
     is for (``log_prob`` of a value the flow has just sampled) and never a stale result.
     """
+
+    @property
+    def inv(self) -> _InverseTransform:
+        """The inverse transform, built once (torch keeps it by weak reference only, so
+        ``TransformedDistribution.log_prob`` would build a new one per layer and call)."""
+        inverse = self.__dict__.get("_inverse_transform")
+        if inverse is None:
+            inverse = self.__dict__["_inverse_transform"] = _InverseTransform(self)
+        return inverse
 
     def _parameter_version(self) -> int:
         params = self.__dict__.get("_cache_parameters")
