@@ -246,8 +246,8 @@ def evaluate(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[
     output = folder / f"evaluate_test_k{args.num_particles}.json"
     command = ["evaluate", "--ckpt", str(folder / "run" / "checkpoints" / "last.ckpt"), "--split", "test",
                "--num-particles", str(args.num_particles), "--seed", str(args.seed), "--output", str(output)]
-    if args.limit is not None:
-        command += ["--limit", str(args.limit)]
+    if args.limit is not None:  # a random subset: the test split's order is not random
+        command += ["--limit", str(args.limit), "--subset", "random"]
     start = time.perf_counter()
     _cli(command, _env(args.threads), folder / "log.txt")
     seconds = time.perf_counter() - start
@@ -267,8 +267,12 @@ def evaluate(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[
 def _mean_logit_log_det(row: Row, data: Path, num_points: int, seed: int) -> float:
     from pyro_lvm.data import MNISTDataModule
 
+    from pyro_lvm.cli import subset_indices
+
     module = MNISTDataModule(root=_data_root(row, data), binarize="none", val_size=0)
-    x = module.datasets["test"].x[:num_points]
+    x = module.datasets["test"].x
+    if num_points < len(x):  # the subset pyro-lvm evaluate --subset random evaluated
+        x = x[subset_indices(len(x), num_points, seed)]
     return float(logit_log_det(x, seed=seed).mean())
 
 
@@ -366,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", default=os.environ.get("PYRO_LVM_DATA", str(DEFAULT_DATA)), metavar="DIR",
                         help="folder holding mnist/ and binarized_mnist/ (default: $PYRO_LVM_DATA or ../shared/data)")
     parser.add_argument("--num-particles", type=int, default=None, help="K of the evaluation (default 5000; --quick 100)")
-    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N test images only (--quick: 1000)")
+    parser.add_argument("--limit", type=int, default=None, help="evaluate N test images drawn at random with --seed only (--quick: 1000)")
     parser.add_argument("--max-epochs", type=int, default=None, help="override the config's epoch budget")
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's step budget")
     parser.add_argument("--limit-train-batches", type=int, default=None, metavar="N",
