@@ -262,3 +262,20 @@ def test_a_pair_without_latents_is_evaluated_exactly_and_not_diagnosed(runs, tmp
     main(["diagnose", f"--ckpt={runs['baseline']}", f"--output-dir={out}"])
     report = (out / "report.md").read_text()
     assert "draws no latent variable" in report and not (out / "khat_histogram.png").exists()
+
+
+def test_a_random_subset_is_a_seeded_sample_of_the_whole_split(runs, tmp_path):
+    from pyro_lvm.cli import _split_data, load_run, subset_indices
+
+    _, datamodule = load_run(str(runs["vae"]), None, need_data=True)[:2]
+    everything = _split_data(datamodule, "test", None)["x"]
+    picked = _split_data(datamodule, "test", 16, subset="random", seed=3)["x"]
+    index = subset_indices(len(everything), 16, seed=3)
+    assert torch.equal(picked, everything[index]) and not torch.equal(index, torch.arange(16))
+    assert torch.equal(_split_data(datamodule, "test", 16)["x"], everything[:16])  # the default: the first 16
+    assert len(set(subset_indices(len(everything), 16, seed=4).tolist()) ^ set(index.tolist())) > 0
+    output = tmp_path / "random.json"
+    main(["evaluate", f"--ckpt={runs['vae']}", "--num-particles=5", "--limit=16", "--subset=random", "--seed=3",
+          f"--output={output}"])
+    numbers = json.loads(output.read_text())
+    assert numbers["num_points"] == 16 and numbers["subset"] == "random 16 (seed 3)"
