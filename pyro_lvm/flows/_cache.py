@@ -37,26 +37,20 @@ class ParameterAwareCache:
             params = self.__dict__["_cache_parameters"] = tuple(self.parameters())
         return sum(p._version for p in params)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._cache_size == 0:
-            return self._call(x)
-        x_old, y_old = self._cached_x_y
+    def _cached(self, value: torch.Tensor, side: int, compute) -> torch.Tensor:
+        """``compute(value)``, or the cached result if ``value`` is the cached ``(x, y)[side]`` and
+        no parameter has changed since."""
+        pair = self._cached_x_y
         version = self._parameter_version()
-        if x is x_old and self.__dict__.get("_cached_version") == version:
-            return y_old
-        y = self._call(x)
-        self.__dict__["_cached_x_y"] = (x, y)
+        if value is pair[side] and self.__dict__.get("_cached_version") == version:
+            return pair[1 - side]
+        result = compute(value)
+        self.__dict__["_cached_x_y"] = (value, result) if side == 0 else (result, value)
         self.__dict__["_cached_version"] = version
-        return y
+        return result
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self._call(x) if self._cache_size == 0 else self._cached(x, 0, self._call)
 
     def _inv_call(self, y: torch.Tensor) -> torch.Tensor:
-        if self._cache_size == 0:
-            return self._inverse(y)
-        x_old, y_old = self._cached_x_y
-        version = self._parameter_version()
-        if y is y_old and self.__dict__.get("_cached_version") == version:
-            return x_old
-        x = self._inverse(y)
-        self.__dict__["_cached_x_y"] = (x, y)
-        self.__dict__["_cached_version"] = version
-        return x
+        return self._inverse(y) if self._cache_size == 0 else self._cached(y, 1, self._inverse)
