@@ -217,16 +217,17 @@ class _Coupling(ParameterAwareCache, TransformModule):
         # With the "half" mask and the default net, the net sees only the kept half (and the
         # context) and returns values for the transformed half only: no weights that would
         # only ever meet the mask's zeros (half the parameters and FLOPs of a masked net).
-        self._halves: tuple[slice, slice] | None = None
+        # the compact half net's split: sizes in storage order (None: masked net), and whether
+        # the kept half comes first
+        self._sizes: list[int] | None = None
+        self._kept_first = parity == 0
         if net is None:
             if hidden is None:
                 hidden = (64, 64) if len(self.event_shape) == 1 else (32, 32)
             if kind == "half":
                 d, k = self.event_shape[0], self.event_shape[0] // 2
-                self._halves = (slice(0, k), slice(k, d)) if parity == 0 else (slice(k, d), slice(0, k))
+                self._sizes = [k, d - k]
                 n_kept, n_free = (k, d - k) if parity == 0 else (d - k, k)
-                # split sizes in storage order, and whether the kept half comes first
-                self._sizes, self._kept_first = ([k, d - k], True) if parity == 0 else ([k, d - k], False)
                 net = _mlp(n_kept + extra_in, hidden, self._n_out * n_free)
             else:
                 net = _default_net(self.event_shape, hidden, self._n_out, extra_in)
@@ -350,7 +351,7 @@ class AdditiveCoupling(_Coupling):
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         self._check(x)
-        if self._halves is not None:
+        if self._sizes is not None:
             kept, free = self._split(x)
             (shift,) = self._half_net(kept)
             return self._join(kept, free + shift)
@@ -358,7 +359,7 @@ class AdditiveCoupling(_Coupling):
 
     def _inverse(self, y: torch.Tensor) -> torch.Tensor:
         self._check(y)
-        if self._halves is not None:
+        if self._sizes is not None:
             kept, free = self._split(y)
             (shift,) = self._half_net(kept)
             return self._join(kept, free - shift)
@@ -459,7 +460,7 @@ class AffineCoupling(_Coupling):
         self.scale = scale
         if scale == "tanh":
             # one factor per transformed entry (the compact half net), else per entry
-            size = (self._halves[1].stop - self._halves[1].start,) if self._halves is not None else self.event_shape
+            size = self._sizes[int(self._kept_first)] if self._sizes is not None else self.event_shape
             self.scale_factor = nn.Parameter(torch.ones(size))
         else:
             self.register_parameter("scale_factor", None)
@@ -469,7 +470,7 @@ class AffineCoupling(_Coupling):
         self, kept: torch.Tensor, context: torch.Tensor | None, sign: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``sign`` times the log-scale, and the shift: of the transformed half only (compact net), else masked full-size."""
-        if self._halves is not None:
+        if self._sizes is not None:
             raw, shift = self._half_net(kept, context)
             return _signed_log_scale(raw, self.scale, self.scale_factor, sign), shift
         raw, shift = _run_net(self.net, kept, self.event_shape, 2, context)
@@ -487,7 +488,7 @@ class AffineCoupling(_Coupling):
 
     def _forward_with(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check(x)
-        if self._halves is not None:
+        if self._sizes is not None:
             kept, free = self._split(x)
             s, t = self._scale_shift(kept, context, 1.0)
             y = self._join(kept, torch.addcmul(t, free, torch.exp(s)))
@@ -500,7 +501,7 @@ class AffineCoupling(_Coupling):
 
     def _inverse_with(self, y: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         self._check(y)
-        if self._halves is not None:
+        if self._sizes is not None:
             kept, free = self._split(y)
             neg_s, t = self._scale_shift(kept, context, -1.0)
             x = self._join(kept, (free - t) * torch.exp(neg_s))
@@ -516,7 +517,7 @@ class AffineCoupling(_Coupling):
         cached = self._cached_log_det
         if cached is not None and cached[0] is x and cached[1] is y and cached[2] is context:
             return cached[3]
-        kept = self._split(x)[0] if self._halves is not None else x * self.mask
+        kept = self._split(x)[0] if self._sizes is not None else x * self.mask
         return self._sum_event(self._scale_shift(kept, context, 1.0)[0])
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
