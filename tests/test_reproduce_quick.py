@@ -4,6 +4,7 @@ import importlib.util
 import json
 import math
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -131,6 +132,16 @@ def test_status_compares_with_the_rows_own_budget_whatever_max_epochs_asked():
     # a budget.json written by a --max-epochs 4 run names 4 as its cap: the paper's is the config's 3280
     assert run._status(row, {"passes": 4.0, "max_epochs": 4}, quick=False) == "partial: 4 of 3280 passes"
     assert run._status(row, {"passes": 3280.0, "max_epochs": 3280}, quick=False) == "paper's budget"
+    # a flow row: cut by --max-epochs (partial), stopped early below what it was allowed, or at the cap
+    flow = run.ROWS["realnvp_maf_mnist"]
+    cut = {"passes": 32.0, "epochs": 32, "sessions": [{"epochs": 32, "max_epochs": 32}]}
+    assert run._status(flow, cut, quick=False) == "partial: 32 passes (the config trains up to 1000, with early stopping)"
+    early = {"passes": 75.0, "epochs": 75, "sessions": [{"epochs": 75, "max_epochs": 1000}]}
+    assert run._status(flow, early, quick=False) == "converged: early stopping after 75 passes"
+    capped = {"passes": 1000.0, "epochs": 1000, "sessions": [{"epochs": 1000, "max_epochs": 1000}]}
+    assert run._status(flow, capped, quick=False) == "stopped at the config's cap of 1000 passes"
+    older = {"passes": 40.0, "epochs": 40, "sessions": [{"epochs": 40}]}  # a budget.json from before
+    assert run._status(flow, older, quick=False).startswith("partial: 40 passes")
 
 
 def test_beyond_table_states_the_gap_closed_only_at_equal_budgets():
@@ -149,3 +160,52 @@ def test_beyond_table_states_the_gap_closed_only_at_equal_budgets():
     assert "| 28% |" in lines[2] and "82.90" in lines[2]
     assert "budgets differ" in lines[3]
     assert ".. list-table::" in rst
+
+
+def test_flow_rows_build_the_papers_models_and_optimizers(tmp_path, monkeypatch):
+    # what the configs' comments promise, as LightningCLI builds it: NICE with the logistic base
+    # and Adam(beta2 = 0.99, eps = 1e-4); RealNVP (5) with nets of two hidden layers of 1024
+    from pyro_lvm.cli import LVMCLI
+    from pyro_lvm.flows import AdditiveCoupling, AffineCoupling, DiagonalScaling
+
+    monkeypatch.setattr("sys.argv", ["pyro-lvm"])  # the args below are the whole command line
+    run = _load("run")
+    built = {}
+    for name in ("nice_mnist", "realnvp_maf_mnist"):
+        with warnings.catch_warnings():
+            # NICE's optimizer: key replaces LVMModule.configure_optimizers, as LightningCLI says
+            warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden")
+            cli = LVMCLI(
+                args=["--config", str(run.ROWS[name].config), "--trainer.logger", "false",
+                      "--trainer.default_root_dir", str(tmp_path), "--data.init_args.root", str(tmp_path)],
+                run=False,
+            )
+        optimizer = cli.model.configure_optimizers()
+        optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
+        built[name] = (cli.model.lvm, optimizer.param_groups[0])
+    nice, group = built["nice_mnist"]
+    assert nice.base_name == "logistic" and nice.num_levels == 256 and nice.logit_alpha is None
+    assert [type(t) for t in nice.transforms] == [AdditiveCoupling] * 4 + [DiagonalScaling]
+    widths = [m.out_features for m in nice.transforms[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert widths == [1000] * 5 + [392]
+    assert (group["lr"], tuple(group["betas"]), group["eps"]) == (1e-3, (0.9, 0.99), 1e-4)
+    realnvp, group = built["realnvp_maf_mnist"]
+    couplings = [t for t in realnvp.transforms if isinstance(t, AffineCoupling)]
+    assert len(couplings) == 5 and realnvp.base_name == "normal" and realnvp.logit_alpha == 1e-6
+    widths = [m.out_features for m in couplings[0].modules() if isinstance(m, torch.nn.Linear)]
+    assert widths[:2] == [1024, 1024] and len(widths) == 3
+    assert group["lr"] == 1e-4
+
+
+def test_paper_bits_per_dim_of_the_flow_rows():
+    # NICE: the paper's 1980.50 nats of density on [0, 1]^784 is (784 log 256 - 1980.50) / (784 log 2)
+    # bits/dim of the 8-bit data; logit rows shift both numbers by the same mean log-determinant
+    curves = _load("curves")
+    c, scale = 784 * math.log(256), 784 * math.log(2)
+    ours = 1500.0
+    nice = {"ours": ours, "bits_per_dim": (c - ours) / scale, "paper": 1980.50}
+    assert curves.paper_bits_per_dim(nice) == pytest.approx((c - 1980.50) / scale, abs=1e-12)
+    assert curves.paper_bits_per_dim(nice) == pytest.approx(4.3555, abs=1e-4)
+    log_det = -2954.3  # an E[sum log|dz/dy|] of the logit map
+    maf = {"ours": -1279.6, "bits_per_dim": (c - log_det - (-1279.6)) / scale, "paper": -1323.2}
+    assert curves.paper_bits_per_dim(maf) == pytest.approx((c - log_det + 1323.2) / scale, abs=1e-12)

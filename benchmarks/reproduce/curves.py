@@ -31,7 +31,7 @@ if __package__ in (None, ""):  # run as a script: import the runner as a sibling
 else:
     from .run import REPO, ROWS
 
-__all__ = ["read_curve", "plot_curves", "main"]
+__all__ = ["read_curve", "paper_bits_per_dim", "plot_curves", "main"]
 
 PANELS = {
     "one stochastic layer, dynamic binarization": [
@@ -64,6 +64,21 @@ def read_curve(run: Path) -> tuple[list[int], list[float]]:
                     by_epoch[int(record["epoch"]) + 1] = float(value)
     passes = sorted(by_epoch)
     return passes, [by_epoch[p] for p in passes]
+
+
+def paper_bits_per_dim(result: dict) -> float:
+    r"""A flow row's paper number in bits/dim of the 8-bit data, from the row's ``result.json``.
+
+    Our log-likelihood ``ours`` (in the paper's units) and our ``bits_per_dim`` differ by the
+    same offset as the paper's number and its bits/dim (:math:`784 \log 256`, and for the logit
+    rows the test set's mean log-determinant of the logit), so
+    :math:`b_\text{paper} = b_\text{ours} + (\ell_\text{ours} - \ell_\text{paper}) / (784 \log 2)`.
+
+    Example:
+        >>> round(paper_bits_per_dim({"ours": 784 * math.log(256), "bits_per_dim": 0.0, "paper": 1980.5}), 3)
+        4.356
+    """
+    return result["bits_per_dim"] + (result["ours"] - result["paper"]) / (784 * math.log(2))
 
 
 def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[Sequence[str]] = None) -> list[str]:
@@ -106,6 +121,8 @@ def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[S
                     result = json.loads(result_path.read_text())
                     ours = result["bits_per_dim"] if flow else result["ours"]
                     ax.plot([passes[-1]], [ours], "o" if j == 0 else "s", color=color, ms=6, mfc="none" if j else color)
+                    if flow and j == 0:  # the paper's number, dotted: its budget is set by early stopping
+                        ax.axhline(paper_bits_per_dim(result), color=color, ls=":", lw=1.2)
             drawn.append(name)
             if not flow:  # the paper's number at the paper's budget (the row config's epochs)
                 budget = yaml.safe_load(row.config.read_text())["trainer"]["max_epochs"]
@@ -117,7 +134,7 @@ def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[S
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper right")
     fig.suptitle("lines: each row's training objective per epoch;  o: our test number at the end of the run;  "
-                 "*: the paper's number at its budget", fontsize=9)
+                 "*: the paper's number at its budget (flows, dotted: the paper's number)", fontsize=9)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(figure, dpi=110)

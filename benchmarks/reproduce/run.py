@@ -131,12 +131,14 @@ def logit_log_det(levels: "torch.Tensor", alpha: float = LOGIT_ALPHA, seed: int 
     return (math.log(1.0 - 2.0 * alpha) - torch.log(s) - torch.log1p(-s)).sum(-1)
 
 
-def _device() -> str:
+def _device(threads: Optional[int] = None) -> str:
+    """The device a row ran on; on a CPU with the threads its runs used (``--threads``, else this process's)."""
     import torch
 
     if torch.cuda.is_available():
         return f"GPU {torch.cuda.get_device_name(0)}"
-    threads = os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    if threads is None:
+        threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
     return f"CPU ({platform.machine()}, {os.cpu_count()} cores, {threads} thread(s))"
 
 
@@ -227,8 +229,12 @@ def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str
     num_train = _num_train(row, resolved["data"]["init_args"])
     passes = steps * batch_size / num_train if steps else float(epochs)
     budget["wall_clock_s"] += seconds
-    budget["sessions"].append({"wall_clock_s": round(seconds, 1), "device": _device(), "epochs": epochs, "steps": steps})
-    budget.update(epochs=epochs, passes=round(passes, 2), steps=steps, max_epochs=max_epochs, device=_device(),
+    # the epochs this session was allowed: a flow row that ends below them was stopped early
+    allowed = args.max_epochs if args.max_epochs is not None else resolved["trainer"].get("max_epochs")
+    device = _device(args.threads)
+    budget["sessions"].append({"wall_clock_s": round(seconds, 1), "device": device, "epochs": epochs, "steps": steps,
+                               "max_epochs": allowed})
+    budget.update(epochs=epochs, passes=round(passes, 2), steps=steps, max_epochs=max_epochs, device=device,
                   seed=args.seed, batch_size=batch_size)
     budget_path.write_text(json.dumps(budget, indent=2) + "\n")
     return budget
@@ -288,10 +294,16 @@ def _status(row: Row, budget: dict[str, Any], quick: bool) -> str:
     if row.kind == "nll" and max_epochs is not None and budget["passes"] >= max_epochs - 0.01:
         return "paper's budget"
     if row.kind != "nll":
-        # the flow configs stop after 30 epochs without a better validation likelihood
-        if budget["passes"] <= 30:
-            return f"partial: {budget['passes']:g} passes (the config trains up to {max_epochs}, with early stopping)"
-        return f"stopped after {budget['passes']:g} passes (early stopping or the cap of {max_epochs})"
+        # the flow configs train until 30 epochs bring no better validation likelihood, or to
+        # their cap; a session that ended below the epochs it was allowed was stopped early
+        passes = budget["passes"]
+        sessions = budget.get("sessions") or [{}]
+        allowed = sessions[-1].get("max_epochs")
+        if max_epochs is not None and passes >= max_epochs - 0.01:
+            return f"stopped at the config's cap of {max_epochs} passes"
+        if allowed is not None and budget.get("epochs", passes) < allowed:
+            return f"converged: early stopping after {passes:g} passes"
+        return f"partial: {passes:g} passes (the config trains up to {max_epochs}, with early stopping)"
     return f"partial: {budget['passes']:g} of {max_epochs} passes"
 
 
@@ -407,7 +419,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         row = ROWS[name]
         if not Path(_data_root(row, data)).is_dir():
             parser.error(f"row {name} needs {data / row.data}; pass --data or set PYRO_LVM_DATA")
-        print(f"[{name}] training ({row.config.relative_to(REPO)}) ...", flush=True)
+        if not args.evaluate_only:
+            print(f"[{name}] training ({row.config.relative_to(REPO)}) ...", flush=True)
         if args.evaluate_only:
             budget = json.loads((out / name / "budget.json").read_text())
         else:
