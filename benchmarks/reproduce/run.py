@@ -419,11 +419,10 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         row = ROWS[name]
         if not Path(_data_root(row, data)).is_dir():
             parser.error(f"row {name} needs {data / row.data}; pass --data or set PYRO_LVM_DATA")
-        if not args.evaluate_only:
-            print(f"[{name}] training ({row.config.relative_to(REPO)}) ...", flush=True)
         if args.evaluate_only:
             budget = json.loads((out / name / "budget.json").read_text())
         else:
+            print(f"[{name}] training ({row.config.relative_to(REPO)}) ...", flush=True)
             budget = train(row, out, data, args)
         print(f"[{name}] evaluating with K={args.num_particles} ...", flush=True)
         result = {"row": name, "paper": row.paper, "source": row.source, **evaluate(row, out, data, args),
