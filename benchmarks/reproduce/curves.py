@@ -27,9 +27,9 @@ if __package__ in (None, ""):  # run as a script: import the runner as a sibling
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run import REPO, ROWS  # type: ignore[no-redef]
+    from run import DIM, REPO, ROWS  # type: ignore[no-redef]
 else:
-    from .run import REPO, ROWS
+    from .run import DIM, REPO, ROWS
 
 __all__ = ["read_curve", "paper_bits_per_dim", "plot_curves", "main"]
 
@@ -78,7 +78,7 @@ def paper_bits_per_dim(result: dict) -> float:
         >>> round(paper_bits_per_dim({"ours": 784 * math.log(256), "bits_per_dim": 0.0, "paper": 1980.5}), 3)
         4.356
     """
-    return result["bits_per_dim"] + (result["ours"] - result["paper"]) / (784 * math.log(2))
+    return result["bits_per_dim"] + (result["ours"] - result["paper"]) / (DIM * math.log(2))
 
 
 def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[Sequence[str]] = None) -> list[str]:
@@ -113,7 +113,7 @@ def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[S
                 if not passes:
                     continue
                 if flow:  # nats per image -> bits/dim
-                    values = [v / (784 * math.log(2)) for v in values]
+                    values = [v / (DIM * math.log(2)) for v in values]
                 label = name if j == 0 else f"{name} ({folder.name})"
                 ax.plot(passes, values, color=color, lw=1.4, ls="-" if j == 0 else "--", label=label)
                 result_path = folder / name / "result.json"
