@@ -142,6 +142,42 @@ def test_status_compares_with_the_rows_own_budget_whatever_max_epochs_asked():
     assert run._status(flow, capped, quick=False) == "stopped at the config's cap of 1000 passes"
     older = {"passes": 40.0, "epochs": 40, "sessions": [{"epochs": 40}]}  # a budget.json from before
     assert run._status(flow, older, quick=False).startswith("partial: 40 passes")
+    # a session that --max-minutes ended is cut short, not converged, though it stopped below its epochs
+    timed = {"passes": 60.0, "epochs": 60, "sessions": [{"epochs": 60, "max_epochs": 1500, "max_minutes": 100,
+                                                         "wall_clock_s": 6130.0}]}
+    assert run._status(flow, timed, quick=False).startswith("partial: 60 passes")
+    early_in_time = {**timed, "sessions": [{**timed["sessions"][0], "wall_clock_s": 3000.0}]}
+    assert run._status(flow, early_in_time, quick=False) == "converged: early stopping after 60 passes"
+
+
+def test_max_minutes_gives_a_resumed_session_its_own_minutes(tmp_path, monkeypatch):
+    # Lightning's Timer restores the training time of earlier sessions from the checkpoint it
+    # resumes; the runner's limit must add this session's minutes to it, or a resumed session
+    # would stop after one epoch
+    from pytorch_lightning.callbacks import Timer
+
+    from pyro_lvm.cli import LVMCLI
+
+    monkeypatch.setattr("sys.argv", ["pyro-lvm"])
+    run = _load("run")
+    earlier = Timer()
+    earlier.load_state_dict({"time_elapsed": {"train": 37 * 60.0}})  # 37 minutes trained before
+    checkpoint = tmp_path / "last.ckpt"
+    stub = {"state_dict": {}, "pyro_lvm": {}, "epoch": 3, "global_step": 40}  # what _timer_offset reads
+    torch.save({**stub, "callbacks": {earlier.state_key: earlier.state_dict()}}, checkpoint)
+    assert run._timer_offset(checkpoint) == pytest.approx(37 * 60.0)
+    args = run._parser().parse_args(["--max-minutes", "20"])
+    config = run._fit_config(run.ROWS["burda_1layer_vae"], tmp_path, tmp_path, 0, args, run._timer_offset(checkpoint))
+    cli = LVMCLI(args=["--config", str(config), "--trainer.logger", "false"], run=False)
+    timers = [c for c in cli.trainer.callbacks if isinstance(c, Timer)]
+    assert len(timers) == 1
+    timers[0].load_state_dict(earlier.state_dict())  # what fit(ckpt_path=...) does on resume
+    assert timers[0].time_remaining("train") == pytest.approx(20 * 60.0, abs=1.0)
+    # checked at epoch ends, so the session stops on an epoch boundary that resumes cleanly
+    assert timers[0]._interval == "epoch"
+    # without a Timer in the checkpoint (a run started before --max-minutes) the offset is zero
+    torch.save({**stub, "callbacks": {}}, checkpoint)
+    assert run._timer_offset(checkpoint) == 0.0
 
 
 def test_beyond_table_states_the_gap_closed_only_at_equal_budgets():

@@ -13,6 +13,7 @@ their learning curves.
     python benchmarks/reproduce/run.py --quick                       # a few minutes on a CPU
     python benchmarks/reproduce/run.py --rows burda_1layer_vae,burda_1layer_iwae50
     python benchmarks/reproduce/run.py --rows burda_1layer_vae --resume --max-epochs 100
+    python benchmarks/reproduce/run.py --rows nice_mnist --resume --max-minutes 120   # one session's share
 
 Units. Binarized rows: the test negative log-likelihood in nats (lower is better), the IWAE
 estimate with ``K`` importance samples. Flow rows: the test log-likelihood in the paper's units
@@ -147,7 +148,8 @@ def _data_root(row: Row, data: Path) -> str:
     return str(folder if folder.is_dir() else data)
 
 
-def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Namespace) -> Path:
+def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Namespace,
+                timer_offset: float = 0.0) -> Path:
     """The row's YAML with the run folder, data root, seed and any budget override filled in."""
     config = yaml.safe_load(row.config.read_text())
     config["seed_everything"] = seed
@@ -162,6 +164,15 @@ def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Names
         trainer["max_steps"] = args.max_steps
     if args.limit_train_batches is not None:
         trainer["limit_train_batches"] = args.limit_train_batches
+    if args.max_minutes is not None:
+        # Lightning's Timer, checked at the end of each epoch: the session ends on an epoch
+        # boundary (so its last checkpoint resumes cleanly), after the first epoch past the limit.
+        # A resumed Timer restores the training time of the earlier sessions from the checkpoint,
+        # so the limit is that time plus this session's minutes
+        seconds = int(timer_offset + 60 * args.max_minutes)
+        trainer.setdefault("callbacks", []).append({
+            "class_path": "pytorch_lightning.callbacks.Timer",
+            "init_args": {"duration": {"seconds": seconds}, "interval": "epoch"}})
     if args.batch_size is not None:
         config["data"]["init_args"]["batch_size"] = args.batch_size
     config["data"]["init_args"]["root"] = _data_root(row, data)
@@ -206,9 +217,10 @@ def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str
         shutil.rmtree(run)
         budget_path.unlink(missing_ok=True)
     budget = json.loads(budget_path.read_text()) if budget_path.is_file() and args.resume else {"wall_clock_s": 0.0, "sessions": []}
-    config = _fit_config(row, out, data, args.seed, args)
+    resuming = args.resume and last.is_file()
+    config = _fit_config(row, out, data, args.seed, args, _timer_offset(last) if resuming else 0.0)
     command = ["fit", "--config", str(config)]
-    if args.resume and last.is_file():
+    if resuming:
         command += ["--ckpt_path", str(last)]
         # Lightning's CSV logger starts metrics.csv afresh in the same folder: keep the earlier
         # sessions' curves beside it (curves.py reads them all)
@@ -232,12 +244,24 @@ def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str
     # the epochs this session was allowed: a flow row that ends below them was stopped early
     allowed = args.max_epochs if args.max_epochs is not None else resolved["trainer"].get("max_epochs")
     device = _device(args.threads)
-    budget["sessions"].append({"wall_clock_s": round(seconds, 1), "device": device, "epochs": epochs, "steps": steps,
-                               "max_epochs": allowed})
+    session = {"wall_clock_s": round(seconds, 1), "device": device, "epochs": epochs, "steps": steps,
+               "max_epochs": allowed}
+    if args.max_minutes is not None:
+        session["max_minutes"] = args.max_minutes
+    budget["sessions"].append(session)
     budget.update(epochs=epochs, passes=round(passes, 2), steps=steps, max_epochs=max_epochs, device=device,
                   seed=args.seed, batch_size=batch_size)
     budget_path.write_text(json.dumps(budget, indent=2) + "\n")
     return budget
+
+
+def _timer_offset(checkpoint_path: Path) -> float:
+    """Training seconds a Lightning ``Timer`` recorded in a checkpoint (0 when it holds none)."""
+    from pyro_lvm.checkpoints import load_checkpoint
+
+    states = load_checkpoint(str(checkpoint_path)).get("callbacks") or {}
+    return sum(float((state.get("time_elapsed") or {}).get("train", 0.0))
+               for key, state in states.items() if str(key).startswith("Timer") and isinstance(state, dict))
 
 
 def _num_train(row: Row, data_args: dict[str, Any]) -> int:
@@ -299,9 +323,11 @@ def _status(row: Row, budget: dict[str, Any], quick: bool) -> str:
         passes = budget["passes"]
         sessions = budget.get("sessions") or [{}]
         allowed = sessions[-1].get("max_epochs")
+        minutes = sessions[-1].get("max_minutes")
+        timed_out = minutes is not None and sessions[-1].get("wall_clock_s", 0.0) >= 60 * minutes
         if max_epochs is not None and passes >= max_epochs - 0.01:
             return f"stopped at the config's cap of {max_epochs} passes"
-        if allowed is not None and budget.get("epochs", passes) < allowed:
+        if allowed is not None and budget.get("epochs", passes) < allowed and not timed_out:
             return f"converged: early stopping after {passes:g} passes"
         return f"partial: {passes:g} passes (the config trains up to {max_epochs}, with early stopping)"
     return f"partial: {budget['passes']:g} of {max_epochs} passes"
@@ -387,6 +413,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's step budget")
     parser.add_argument("--limit-train-batches", type=int, default=None, metavar="N",
                         help="train on N batches per epoch only (smoke tests of a row)")
+    parser.add_argument("--max-minutes", type=int, default=None, metavar="M",
+                        help="end this session after the first epoch that finishes past M minutes of training "
+                             "(resume it later with --resume)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     parser.add_argument("--accelerator", default=None, help="override trainer.accelerator (cpu, gpu, auto)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the training and evaluation")
@@ -408,7 +437,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
-    for key in ("num_particles", "limit", "max_epochs", "max_steps", "batch_size", "threads", "limit_train_batches"):
+    for key in ("num_particles", "limit", "max_epochs", "max_steps", "max_minutes", "batch_size", "threads",
+                "limit_train_batches"):
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be a positive integer; got {value}")
