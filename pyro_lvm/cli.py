@@ -279,7 +279,14 @@ class _Parser(LightningArgumentParser):
 
 
 class LVMCLI(LightningCLI):
-    """LightningCLI for :class:`pyro_lvm.LVMModule` and any Lightning data module."""
+    """LightningCLI for :class:`pyro_lvm.LVMModule` and any Lightning data module.
+
+    Beyond LightningCLI: checkpoints are read with ``weights_only=True`` (a corrupt or
+    foreign file gets a message, not a pickle traceback), ``--test_after_fit`` tests the
+    best checkpoint, and an ``optimizer:`` key builds its optimizer (and ``lr_scheduler:``
+    its schedule) on :meth:`pyro_lvm.LVMModule.parameter_groups`, so submodules with an
+    ``own_lr`` keep their rate.
+    """
 
     def __init__(self, args: Optional[list[str]] = None, **kwargs):
         kwargs.setdefault("parser_kwargs", {}).setdefault(
@@ -295,6 +302,24 @@ class LVMCLI(LightningCLI):
             args=args,
             **kwargs,
         )
+
+    def _add_configure_optimizers_method_to_model(self, subcommand: Optional[str]) -> None:
+        # LightningCLI builds an ``optimizer:`` on ``model.parameters()``, one group at the
+        # optimizer's rate: hand it LVMModule.parameter_groups() instead, so that a learned
+        # baseline or a per-datapoint guide keeps its own rate under any optimizer and scheduler.
+        # Lightning warns that the module's configure_optimizers is overridden: the override is
+        # the point of the key, and the groups it would have lost are kept.
+        model = self.model
+        if isinstance(model, LVMModule):
+            groups = model.parameter_groups()
+            model.parameters = lambda recurse=True: iter(groups)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r".*configure_optimizers` will be overridden")
+                super()._add_configure_optimizers_method_to_model(subcommand)
+        finally:
+            if "parameters" in vars(model):
+                del model.parameters
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads the checkpoint while parsing; check it first so that a

@@ -165,9 +165,10 @@ class LVMModule(pl.LightningModule):
             built-in models, and at the first batch for other pairs.
         num_particles: samples of ``z`` per data point (with a name only).
         beta: KL weight: a number or a :class:`pyro_lvm.schedules.Schedule` of the global step.
-        lr: Adam's learning rate (LightningCLI's ``optimizer:`` key replaces the optimizer).
-            Submodules with an ``own_lr`` attribute (a learned baseline, a
-            per-datapoint guide) are trained at that rate instead.
+        lr: Adam's learning rate. Submodules with an ``own_lr`` attribute (a learned
+            baseline, a per-datapoint guide) are trained at that rate instead. In
+            :class:`pyro_lvm.cli.LVMCLI`, an ``optimizer:`` key replaces Adam and this rate;
+            the ``own_lr`` groups keep theirs (see :meth:`parameter_groups`).
         estimator_options: further options of the named estimator, e.g.
             ``{"baseline": "nvil"}`` for ``"score_function"``.
         kl_control: :class:`~pyro_lvm.estimators.FreeBits` (a KL floor per latent
@@ -487,10 +488,21 @@ class LVMModule(pl.LightningModule):
                 os.makedirs(log_dir, exist_ok=True)
                 monitor.write_csv(summary, os.path.join(log_dir, "latent_stats.csv"))
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        """Adam over every parameter; a submodule with an ``own_lr`` attribute gets that rate.
+    def parameter_groups(self) -> list[dict]:
+        """The optimizer's parameter groups: every parameter once, a submodule's own rate kept.
 
-        (A learned baseline or a per-datapoint guide usually wants its own rate.)
+        The first group holds the parameters trained at the optimizer's rate; each
+        submodule with an ``own_lr`` attribute (a learned baseline, the tables of a
+        per-datapoint guide) adds a group ``{"params": ..., "lr": own_lr}``. Both
+        :meth:`configure_optimizers` and LightningCLI's ``optimizer:`` key (through
+        :class:`pyro_lvm.cli.LVMCLI`) build their optimizer on these groups.
+
+        Example:
+            >>> from pyro_lvm import VAE
+            >>> module = LVMModule(VAE(data_shape=4, latent_dim=2, hidden_dims=[8]),
+            ...                    estimator="score_function", estimator_options={"baseline": "nvil"})
+            >>> [group.get("lr") for group in module.parameter_groups()]
+            [None, 0.003]
         """
         groups: list[dict] = []
         claimed: set[int] = set()
@@ -503,7 +515,11 @@ class LVMModule(pl.LightningModule):
             if params:
                 groups.append({"params": params, "lr": float(own_lr)})
         rest = [p for p in self.parameters() if id(p) not in claimed]
-        return torch.optim.Adam([{"params": rest}, *groups], lr=self.lr)
+        return [{"params": rest}, *groups]
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam at ``lr`` over :meth:`parameter_groups` (a submodule's ``own_lr`` kept)."""
+        return torch.optim.Adam(self.parameter_groups(), lr=self.lr)
 
     def on_train_epoch_start(self) -> None:
         if self._fast is not None:

@@ -153,3 +153,28 @@ def test_run_pictures_come_from_another_split_when_there_is_no_validation_split(
     written = report._pictures(SimpleNamespace(datamodule=NoValidation()), vae, tmp_path)
     assert {p.name for p in written} >= {"reconstructions.png", "samples.png"}
     assert report._first_batch(None) == (None, None)
+
+
+def test_optimizer_key_keeps_the_own_rate_of_a_learned_baseline(tmp_path):
+    # LightningCLI's optimizer: key builds its optimizer on model.parameters(), one group; LVMCLI
+    # gives it LVMModule.parameter_groups(), so the NVIL baseline keeps its 3e-3 under SGD and a
+    # scheduler that scales every group
+    from pyro_lvm.cli import DEFAULT_CONFIG, LVMCLI
+
+    cli = LVMCLI(args=["--config", str(DEFAULT_CONFIG), "--model.estimator", "score_function",
+                       "--model.estimator_options", "{baseline: nvil}",
+                       "--optimizer", "torch.optim.SGD", "--optimizer.lr", "0.05",
+                       "--lr_scheduler", "torch.optim.lr_scheduler.StepLR", "--lr_scheduler.step_size", "1",
+                       "--lr_scheduler.gamma", "0.5", "--trainer.logger", "false",
+                       "--trainer.default_root_dir", str(tmp_path)], run=False)
+    (optimizer,), (scheduler,) = cli.model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert [group["lr"] for group in optimizer.param_groups] == [0.05, 3e-3]
+    (baseline,) = [m for m in cli.model.modules() if getattr(m, "own_lr", None) is not None]
+    grouped = [p for group in optimizer.param_groups for p in group["params"]]
+    assert {id(p) for p in optimizer.param_groups[1]["params"]} == {id(p) for p in baseline.parameters()}
+    assert len(grouped) == len({id(p) for p in grouped}) == len(list(cli.model.parameters()))
+    optimizer.step()
+    scheduler.step()
+    assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.025, 1.5e-3])
+    assert "parameters" not in vars(cli.model)  # the module's own parameters() is back

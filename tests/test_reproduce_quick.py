@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -208,14 +207,11 @@ def test_flow_rows_build_the_papers_models_and_optimizers(tmp_path, monkeypatch)
     run = _load("run")
     built = {}
     for name in ("nice_mnist", "realnvp_maf_mnist"):
-        with warnings.catch_warnings():
-            # NICE's optimizer: key replaces LVMModule.configure_optimizers, as LightningCLI says
-            warnings.filterwarnings("ignore", message=".*configure_optimizers` will be overridden")
-            cli = LVMCLI(
-                args=["--config", str(run.ROWS[name].config), "--trainer.logger", "false",
-                      "--trainer.default_root_dir", str(tmp_path), "--data.init_args.root", str(tmp_path)],
-                run=False,
-            )
+        cli = LVMCLI(
+            args=["--config", str(run.ROWS[name].config), "--trainer.logger", "false",
+                  "--trainer.default_root_dir", str(tmp_path), "--data.init_args.root", str(tmp_path)],
+            run=False,
+        )
         optimizer = cli.model.configure_optimizers()
         optimizer = optimizer["optimizer"] if isinstance(optimizer, dict) else optimizer
         built[name] = (cli.model.lvm, optimizer.param_groups[0])
