@@ -196,6 +196,10 @@ def test_errors_speak_to_the_user():
         realnvp((1, 5, 4))
     with pytest.raises(ValueError, match="num_layers >= 2"):
         nice(4, num_layers=1)
+    with pytest.raises(ValueError, match="flat vectors only"):
+        FlowModel((1, 4, 4), "realnvp", mask="alternate")
+    with pytest.raises(ValueError, match="'half' or 'alternate'"):
+        realnvp(4, mask="checkerboard")
 
 
 @settings(max_examples=15, deadline=None)
@@ -204,10 +208,11 @@ def test_errors_speak_to_the_user():
     dim=st.integers(2, 7),
     num_layers=st.integers(2, 5),
     seed=st.integers(0, 1000),
+    mask=st.sampled_from(["half", "alternate"]),
 )
-def test_vector_stacks_round_trip_and_log_det_property(name, dim, num_layers, seed):
-    layers = perturb(nice(dim, num_layers, hidden=(6,)) if name == "nice"
-                     else realnvp(dim, num_layers, hidden=(6,)), seed=seed).double()
+def test_vector_stacks_round_trip_and_log_det_property(name, dim, num_layers, seed, mask):
+    layers = perturb(nice(dim, num_layers, hidden=(6,), mask=mask) if name == "nice"
+                     else realnvp(dim, num_layers, hidden=(6,), mask=mask), seed=seed).double()
     u = torch.randn(2, dim, dtype=torch.float64)
     x, ld = forward(layers, u)
     back = x
@@ -296,3 +301,26 @@ def test_logistic_base_survives_a_checkpoint_round_trip(tmp_path):
     x = torch.randn(5, 4)
     assert rebuilt.base_name == "logistic" and "base='logistic'" in repr(rebuilt)
     assert torch.allclose(rebuilt.log_prob(x), flow.eval().log_prob(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["nice", "realnvp"])
+def test_alternate_mask_survives_a_checkpoint_round_trip_and_yaml(name, tmp_path, monkeypatch):
+    # the mask is an argument of FlowModel (so a YAML config can set it) and part of its config
+    from pyro_lvm.checkpoints import model_from_checkpoint
+    from pyro_lvm.cli import DEFAULT_CONFIG, LVMCLI
+
+    flow = perturb(FlowModel(6, name, hidden=(8,), mask="alternate"))
+    assert [t.mask_kind for t in flow.transforms if hasattr(t, "mask_kind")] == ["alternate"] * 4
+    state = {f"lvm.{k}": v for k, v in flow.state_dict().items()}
+    path = tmp_path / "flow.ckpt"
+    torch.save({"state_dict": state, "pyro_lvm": {"model": {
+        "class": "pyro_lvm.models.flow.FlowModel", "config": flow.config}}}, path)
+    rebuilt = model_from_checkpoint(path)
+    x = torch.randn(5, 6)
+    assert {t.mask_kind for t in rebuilt.transforms if hasattr(t, "mask_kind")} == {"alternate"}
+    assert torch.allclose(rebuilt.log_prob(x), flow.eval().log_prob(x), atol=1e-5)
+    monkeypatch.setattr("sys.argv", ["pyro-lvm"])
+    cli = LVMCLI(args=["--config", str(DEFAULT_CONFIG), "--model.model", "pyro_lvm.FlowModel",
+                       "--model.model.init_args.event_shape", "64", "--model.model.init_args.transforms", name,
+                       "--model.model.init_args.mask", "alternate", "--trainer.logger", "false"], run=False)
+    assert cli.model.lvm.config["mask"] == "alternate"

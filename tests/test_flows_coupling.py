@@ -35,6 +35,8 @@ def make(cls, shape, mask=None, parity=0, seed=0, **kw):
 CASES = [
     (5, "half"),
     (6, "half"),
+    (5, "alternate"),
+    (6, "alternate"),
     ((2, 4, 4), "checkerboard"),
     ((2, 4, 4), "channel"),
 ]
@@ -86,9 +88,10 @@ def test_extra_batch_dims(cls):
     parity=st.integers(0, 1),
     affine=st.booleans(),
     seed=st.integers(0, 1000),
+    mask=st.sampled_from(["half", "alternate"]),
 )
-def test_hypothesis_vectors(d, parity, affine, seed):
-    t = make(AffineCoupling if affine else AdditiveCoupling, d, "half", parity, seed=seed)
+def test_hypothesis_vectors(d, parity, affine, seed, mask):
+    t = make(AffineCoupling if affine else AdditiveCoupling, d, mask, parity, seed=seed)
     _check_transform(t, d, batch=(2,))
 
 
@@ -117,6 +120,41 @@ def test_half_mask(d, parity):
     assert torch.equal(m1, ~m0)
     assert int(m0.sum()) == d // 2 and int(m1.sum()) == d - d // 2
     assert coupling_mask("half", d, parity).dtype == torch.bool
+    a0, a1 = coupling_mask("alternate", d, 0), coupling_mask("alternate", d, 1)
+    assert torch.equal(a1, ~a0) and torch.equal(a0, torch.arange(d) % 2 == 0)
+
+
+@pytest.mark.parametrize("d", [6, 8])
+def test_alternate_mask_is_the_half_mask_on_entries_ordered_evens_first(d):
+    # with the same initial draws, a coupling on the "alternate" mask is the "half" one applied
+    # to the entries reordered evens-then-odds (how the NICE tries coupled odd and even pixels).
+    # Even D only: for odd D "half" keeps D // 2 entries at parity 0, "alternate" the D // 2 + 1 evens
+    order = torch.cat([torch.arange(0, d, 2), torch.arange(1, d, 2)])
+    x = torch.randn(4, d, dtype=torch.float64)
+    for parity in (0, 1):
+        alternate, half = make(AffineCoupling, d, "alternate", parity), make(AffineCoupling, d, "half", parity)
+        y = alternate(x)
+        assert torch.allclose(y[:, order], half(x[:, order]), atol=1e-12)
+        assert torch.allclose(alternate.log_abs_det_jacobian(x, y),
+                              half.log_abs_det_jacobian(x[:, order], y[:, order]), atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+@pytest.mark.parametrize("d,parity", [(6, 0), (6, 1), (7, 0), (7, 1)])
+def test_alternate_mask_moves_each_parity_by_a_function_of_the_other(cls, d, parity):
+    # the Jacobian's structure: kept rows are the identity's, a transformed entry depends on
+    # itself alone among the transformed ones, and on the kept ones
+    t = make(cls, d, "alternate", parity)
+    x = torch.randn(d, dtype=torch.float64)
+    jac = torch.autograd.functional.jacobian(t, x)
+    kept = torch.arange(d) % 2 == parity
+    assert torch.equal(t(x)[kept], x[kept])
+    assert torch.equal(jac[kept], torch.eye(d, dtype=torch.float64)[kept])
+    among_free = jac[~kept][:, ~kept]
+    assert torch.equal(among_free, torch.diag(torch.diagonal(among_free)))
+    assert jac[~kept][:, kept].abs().min() > 0
+    # the order that gathers the kept entries is rebuilt from the mask, not saved
+    assert set(t.state_dict()) == set(make(cls, d, "half", parity).state_dict())
 
 
 def test_image_masks():
@@ -133,6 +171,8 @@ def test_image_masks():
     [
         ("channel", (1, 4, 4), "C >= 2"),
         ("half", (2, 4, 4), "flat vectors"),
+        ("alternate", (2, 4, 4), "flat vectors"),
+        ("alternate", 1, "D >= 2"),
         ("checkerboard", 6, r"images \(C, H, W\)"),
         ("half", 1, "D >= 2"),
         ("diagonal", 4, "Unknown mask kind"),
@@ -339,7 +379,7 @@ def test_density_integrates_to_one_and_rsample_is_differentiable():
     assert parts[0].scale_factor.grad is not None
 
 
-@pytest.mark.parametrize("shape,mask", [(5, "half"), ((2, 4, 4), "checkerboard")])
+@pytest.mark.parametrize("shape,mask", [(5, "half"), (5, "alternate"), ((2, 4, 4), "checkerboard")])
 def test_conditional_affine_coupling(shape, mask):
     torch.manual_seed(0)
     t = ConditionalAffineCoupling(shape, context_dim=3, hidden=(8,), mask=mask, cache_size=0).double()
@@ -411,7 +451,7 @@ def test_tanh_log_scale_is_c_tanh_r_in_both_signs():
     assert torch.allclose(_signed_log_scale(r, "tanh", c, -1.0), -expected, rtol=0, atol=1e-14)
 
 
-@pytest.mark.parametrize("shape, mask", [(5, "half"), ((2, 4, 4), "checkerboard")])
+@pytest.mark.parametrize("shape, mask", [(5, "half"), (5, "alternate"), ((2, 4, 4), "checkerboard")])
 def test_log_det_kept_from_the_pass_equals_a_fresh_one(shape, mask):
     t = make(AffineCoupling, shape, mask=mask)
     x = torch.randn((7,) + ((shape,) if isinstance(shape, int) else shape), dtype=torch.float64)

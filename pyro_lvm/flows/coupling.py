@@ -21,7 +21,8 @@ __all__ = [
     "ConditionalAffineCoupling",
 ]
 
-_MASK_KINDS = ("half", "checkerboard", "channel")
+_MASK_KINDS = ("half", "alternate", "checkerboard", "channel")
+_VECTOR_MASKS = ("half", "alternate")
 _SCALES = ("tanh", "sigmoid")
 _INITS = ("identity", "shift")
 
@@ -41,6 +42,10 @@ def coupling_mask(kind: str, shape: int | Sequence[int], parity: int = 0) -> tor
 
     * ``"half"`` (flat vectors ``(D,)``): the first ``D // 2`` entries for ``parity=0``,
       the remaining ``D - D // 2`` for ``parity=1`` (needs ``D >= 2``).
+    * ``"alternate"`` (flat vectors ``(D,)``): the entries of even index ``0, 2, 4, ...``
+      for ``parity=0``, the odd ones for ``parity=1`` (needs ``D >= 2``). On a flattened
+      image it couples neighbouring pixels of a row, the split that NICE uses on MNIST
+      (its "odd and even components").
     * ``"checkerboard"`` (images ``(C, H, W)``): ``(i + j) % 2 == parity`` at pixel
       ``(i, j)``, the same for every channel (needs ``H * W >= 2``).
     * ``"channel"`` (images ``(C, H, W)``): the first ``C // 2`` channels for
@@ -50,13 +55,15 @@ def coupling_mask(kind: str, shape: int | Sequence[int], parity: int = 0) -> tor
     entry be transformed.
 
     Arguments:
-        kind: ``"half"``, ``"checkerboard"`` or ``"channel"``.
+        kind: ``"half"``, ``"alternate"``, ``"checkerboard"`` or ``"channel"``.
         shape: the event shape, ``D`` or ``(C, H, W)``.
         parity: 0 or 1; 1 gives the complement of the parity-0 mask.
 
     Example:
         >>> coupling_mask("half", 5, parity=0).tolist()
         [True, True, False, False, False]
+        >>> coupling_mask("alternate", 5, parity=0).tolist()
+        [True, False, True, False, True]
         >>> coupling_mask("checkerboard", (1, 2, 2), parity=0).int().tolist()
         [[[1, 0], [0, 1]]]
     """
@@ -65,21 +72,21 @@ def coupling_mask(kind: str, shape: int | Sequence[int], parity: int = 0) -> tor
         raise ValueError(f"parity must be 0 or 1; got {parity!r}.")
     if kind not in _MASK_KINDS:
         raise ValueError(f"Unknown mask kind {kind!r}; choose one of {_MASK_KINDS}.")
-    if kind == "half":
+    if kind in _VECTOR_MASKS:
         if len(shape) != 1:
             raise ValueError(
-                f"mask 'half' is for flat vectors (D,); got event shape {shape}. "
+                f"mask {kind!r} is for flat vectors (D,); got event shape {shape}. "
                 "Use 'checkerboard' or 'channel' for images."
             )
         (d,) = shape
         if d < 2:
-            raise ValueError(f"mask 'half' needs D >= 2 to split the vector; got D={d}.")
-        m = torch.arange(d) < d // 2
+            raise ValueError(f"mask {kind!r} needs D >= 2 to split the vector; got D={d}.")
+        m = torch.arange(d) < d // 2 if kind == "half" else torch.arange(d) % 2 == 0
     else:
         if len(shape) != 3:
             raise ValueError(
                 f"mask {kind!r} is for images (C, H, W); got event shape {shape}. "
-                "Use 'half' for flat vectors."
+                "Use 'half' or 'alternate' for flat vectors."
             )
         c, h, w = shape
         if kind == "checkerboard":
@@ -214,20 +221,29 @@ class _Coupling(ParameterAwareCache, TransformModule):
         self.register_buffer("mask", coupling_mask(kind, self.event_shape, parity).float())
         # built once: TransformedDistribution asks for them on every log_prob and sample
         self._real_events = constraints.independent(constraints.real, len(self.event_shape))
-        # With the "half" mask and the default net, the net sees only the kept half (and the
+        # With a vector mask and the default net, the net sees only the kept half (and the
         # context) and returns values for the transformed half only: no weights that would
         # only ever meet the mask's zeros (half the parameters and FLOPs of a masked net).
-        # the compact half net's split: sizes in storage order (None: masked net), and whether
-        # the kept half comes first
+        # the compact half net's split: sizes in storage order (None: masked net), whether
+        # the kept half comes first, and (for "alternate") the order that puts the kept
+        # entries first and its inverse (not saved: the mask determines them)
         self._sizes: list[int] | None = None
         self._kept_first = parity == 0
+        self.register_buffer("_order", None, persistent=False)
+        self.register_buffer("_unorder", None, persistent=False)
         if net is None:
             if hidden is None:
                 hidden = (64, 64) if len(self.event_shape) == 1 else (32, 32)
-            if kind == "half":
+            if kind in _VECTOR_MASKS:
                 d, k = self.event_shape[0], self.event_shape[0] // 2
                 self._sizes = [k, d - k]
                 n_kept, n_free = (k, d - k) if parity == 0 else (d - k, k)
+                if kind == "alternate":
+                    kept = self.mask.bool()
+                    order = torch.cat([kept.nonzero().flatten(), (~kept).nonzero().flatten()])
+                    self._order, self._unorder = order, torch.argsort(order)
+                    n_kept, n_free = int(kept.sum()), d - int(kept.sum())
+                    self._sizes, self._kept_first = [n_kept, n_free], True
                 net = _mlp(n_kept + extra_in, hidden, self._n_out * n_free)
             else:
                 net = _default_net(self.event_shape, hidden, self._n_out, extra_in)
@@ -264,14 +280,17 @@ class _Coupling(ParameterAwareCache, TransformModule):
     # (one split, one chunk, one cat): in small flows their overhead, not the matmuls, sets the speed.
 
     def _split(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kept and transformed halves of a vector (``"half"`` mask, default net)."""
+        """Kept and transformed halves of a vector (vector mask, default net)."""
+        if self._order is not None:
+            x = x.index_select(-1, self._order)
         first, second = x.split_with_sizes(self._sizes, -1)
         return (first, second) if self._kept_first else (second, first)
 
     def _join(self, kept: torch.Tensor, free: torch.Tensor) -> torch.Tensor:
         if kept.shape[:-1] != free.shape[:-1]:  # a context broadcast the transformed half
             kept = kept.expand(free.shape[:-1] + kept.shape[-1:])
-        return torch.cat((kept, free) if self._kept_first else (free, kept), dim=-1)
+        joined = torch.cat((kept, free) if self._kept_first else (free, kept), dim=-1)
+        return joined if self._unorder is None else joined.index_select(-1, self._unorder)
 
     def _half_net(self, kept: torch.Tensor, context: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """The compact net's ``_n_out`` outputs, each of the transformed half's size."""
@@ -313,8 +332,8 @@ class AdditiveCoupling(_Coupling):
             padding 1, for images); defaults ``(64, 64)`` / ``(32, 32)``.
         net: a custom net mapping ``(..., D)`` to ``(..., D)`` or ``(N, C, H, W)`` to
             ``(N, C, H, W)``, used instead of the default one (see ``init``).
-        mask: ``"half"`` (vectors, default), ``"checkerboard"`` (images, default) or
-            ``"channel"``; see :func:`coupling_mask`.
+        mask: ``"half"`` (vectors, default), ``"alternate"`` (vectors), ``"checkerboard"``
+            (images, default) or ``"channel"``; see :func:`coupling_mask`.
         parity: 0 or 1; 1 swaps the kept and transformed parts.
         cache_size: 0 or 1, as in :class:`torch.distributions.Transform`.
         init: the default net's last layer: ``"identity"`` (zero, so a fresh layer is the
@@ -418,8 +437,8 @@ class AffineCoupling(_Coupling):
         net: a custom net mapping ``(..., D)`` to ``(..., 2 D)`` or ``(N, C, H, W)`` to
             ``(N, 2 C, H, W)`` (raw log-scale first, then shift), used instead of the
             default one (see ``init``).
-        mask: ``"half"`` (vectors, default), ``"checkerboard"`` (images, default) or
-            ``"channel"``; see :func:`coupling_mask`.
+        mask: ``"half"`` (vectors, default), ``"alternate"`` (vectors), ``"checkerboard"``
+            (images, default) or ``"channel"``; see :func:`coupling_mask`.
         parity: 0 or 1; 1 swaps the kept and transformed parts.
         scale: ``"tanh"`` or ``"sigmoid"``, the log-scale parameterisation.
         cache_size: 0 or 1, as in :class:`torch.distributions.Transform`.
@@ -585,7 +604,7 @@ class ConditionalAffineCoupling(ConditionalTransformModule):
         hidden: hidden widths of the default net.
         net: a custom net taking ``D + context_dim`` features (or ``C + context_dim``
             channels) and returning ``2 D`` features (``2 C`` channels).
-        mask: ``"half"``, ``"checkerboard"`` or ``"channel"``.
+        mask: ``"half"``, ``"alternate"``, ``"checkerboard"`` or ``"channel"``.
         parity: 0 or 1.
         scale: ``"tanh"`` or ``"sigmoid"``.
         cache_size: 0 or 1, for the conditioned transforms.

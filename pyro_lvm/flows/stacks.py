@@ -37,9 +37,10 @@ def nice(
         \log\lvert\det J\rvert = \sum_i s_i ,
 
     since the couplings are volume preserving: all the change of volume is in the
-    scaling. Flat vectors ``D`` use the ``"half"`` mask and, by default, the paper's MNIST
-    architecture (4 couplings, 5 hidden layers of 1000 units); use smaller ``hidden`` for
-    small problems. Images ``(C, H, W)`` use the ``"checkerboard"`` mask (or ``"channel"``
+    scaling. Flat vectors ``D`` use the ``"half"`` mask (first half against second;
+    ``mask="alternate"`` couples even-indexed entries with odd ones, the paper's split on
+    MNIST) and, by default, the paper's MNIST architecture (4 couplings, 5 hidden layers of
+    1000 units); use smaller ``hidden`` for small problems. Images ``(C, H, W)`` use the ``"checkerboard"`` mask (or ``"channel"``
     with ``mask="channel"`` when :math:`C \ge 2`) and 3x3 convolutional nets (default
     hidden widths ``(32, 32)``); the base has the image's shape.
 
@@ -63,8 +64,9 @@ def nice(
         hidden: hidden widths of each coupling's net (default ``(1000,) * 5`` for vectors,
             ``(32, 32)`` for images).
         cache_size: 0 or 1, the layers' cache size.
-        mask: the couplings' mask, ``"half"`` (vectors), ``"checkerboard"`` (images, default)
-            or ``"channel"`` (images with :math:`C \ge 2`); see :func:`~pyro_lvm.flows.coupling_mask`.
+        mask: the couplings' mask, ``"half"`` (vectors, default), ``"alternate"`` (vectors),
+            ``"checkerboard"`` (images, default) or ``"channel"`` (images with :math:`C \ge 2`);
+            see :func:`~pyro_lvm.flows.coupling_mask`.
         init: ``"shift"`` (default) or ``"identity"``, the start of the couplings' nets (see
             above and :class:`~pyro_lvm.flows.AdditiveCoupling`).
 
@@ -128,6 +130,7 @@ def realnvp(
     num_scales: int = 1,
     conv1x1: bool = False,
     init: str = "shift",
+    mask: str | None = None,
 ) -> nn.ModuleList:
     r"""A RealNVP flow: affine couplings of alternating parity, single- or multi-scale for images.
 
@@ -135,8 +138,8 @@ def realnvp(
     ``pyro.distributions.TransformedDistribution(base, list(layers))``.
 
     * Flat vectors ``D``: ``num_layers`` (default 4) :class:`~pyro_lvm.flows.AffineCoupling` s
-      with the ``"half"`` mask and alternating parity, each preceded (``actnorm=True``) by an
-      :class:`~pyro_lvm.flows.ActNorm`.
+      with the ``"half"`` mask (or ``mask="alternate"``) and alternating parity, each preceded
+      (``actnorm=True``) by an :class:`~pyro_lvm.flows.ActNorm`.
     * Images ``(C, H, W)``, one scale (``num_scales=1``): in the density-estimation
       direction (data to base) the data go through ``num_layers`` (default 3) checkerboard
       couplings of alternating parity on ``(C, H, W)``, a :class:`~pyro_lvm.flows.Squeeze`
@@ -194,6 +197,9 @@ def realnvp(
         conv1x1: put a learnable invertible 1x1 convolution (Glow) before each coupling.
         init: ``"shift"`` (default) or ``"identity"``, the start of the couplings' nets (see
             above and :class:`~pyro_lvm.flows.AffineCoupling`).
+        mask: flat vectors only: ``"half"`` (default) or ``"alternate"`` (even-indexed
+            entries against odd ones); see :func:`~pyro_lvm.flows.coupling_mask`. Images
+            use checkerboard masks before each squeeze and channel masks after it.
 
     Example:
         >>> import torch
@@ -245,7 +251,14 @@ def realnvp(
                 f"realnvp() on flat vectors has a single scale; got num_scales={num_scales}. "
                 "Use num_scales=1, or images (C, H, W) for the multi-scale architecture."
             )
-        return nn.ModuleList(block(shape, "half"))
+        if mask not in (None, "half", "alternate"):
+            raise ValueError(f"realnvp() on flat vectors takes mask 'half' or 'alternate'; got {mask!r}.")
+        return nn.ModuleList(block(shape, mask or "half"))
+    if mask is not None:
+        raise ValueError(
+            f"realnvp() on images uses checkerboard masks, then channel masks after each squeeze; "
+            f"mask applies to flat vectors only. Leave it out (got {mask!r})."
+        )
     c, h, w = shape
     if num_scales == 1 and (h % 2 or w % 2):
         raise ValueError(

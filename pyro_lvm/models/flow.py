@@ -93,8 +93,11 @@ class FlowModel(PyroModule):
         base: the base distribution, ``"normal"`` (default) or ``"logistic"`` (NICE's on
             MNIST; it trains NICE on data in :math:`[0, 1]` without a logit, where the
             normal base diverges).
-        stack_options: further keyword arguments of the named stack (e.g. ``mask`` of
-            :func:`~pyro_lvm.flows.nice`).
+        mask: the couplings' mask on flat vectors, ``"half"`` (default: first half against
+            second) or ``"alternate"`` (even-indexed entries against odd ones, NICE's split
+            on MNIST); for images NICE takes ``"checkerboard"`` (default) or ``"channel"``.
+            See :func:`~pyro_lvm.flows.coupling_mask`.
+        stack_options: further keyword arguments of the named stack (from Python).
 
     Example:
         >>> flow = FlowModel(2, "realnvp", hidden=(8,))
@@ -121,6 +124,7 @@ class FlowModel(PyroModule):
         dequantize: Optional[int] = None,
         logit_alpha: Optional[float] = None,
         base: str = "normal",
+        mask: Optional[str] = None,
         **stack_options: Any,
     ) -> None:
         super().__init__()
@@ -161,15 +165,17 @@ class FlowModel(PyroModule):
                     options["num_scales"] = num_scales
                 if conv1x1:
                     options["conv1x1"] = True
+            if mask is not None:
+                options["mask"] = mask
             options.update(stack_options)
             kwargs = {k: v for k, v in options.items() if v is not None}
             shape_arg = self.event_shape[0] if len(self.event_shape) == 1 else tuple(self.event_shape)
             layers = list(_STACKS[name](shape_arg, **kwargs))
         else:
             if (stack_options or num_layers is not None or hidden is not None or actnorm or scale != "tanh"
-                    or num_scales != 1 or conv1x1 or init != "shift"):
+                    or num_scales != 1 or conv1x1 or init != "shift" or mask is not None):
                 raise ValueError(
-                    "num_layers, hidden, actnorm, scale, num_scales, init and other stack options apply to a "
+                    "num_layers, hidden, actnorm, scale, num_scales, init, mask and other stack options apply to a "
                     "named stack ('nice', 'realnvp'), not to a list of transforms."
                 )
             layers = list(transforms)
@@ -192,6 +198,7 @@ class FlowModel(PyroModule):
             dequantize=self.num_levels,
             logit_alpha=self.logit_alpha,
             base=base,
+            **({} if mask is None else {"mask": mask}),
             **stack_options,
         )
         self.transforms = nn.ModuleList(layers)
