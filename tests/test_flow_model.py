@@ -289,15 +289,19 @@ def test_logistic_base_keeps_nice_on_unit_interval_data_finite_where_the_normal_
     assert FlowModel(8, "nice", hidden=(16,), base="logistic").config["base"] == "logistic"
 
 
+def _save(flow: FlowModel, path):
+    """A checkpoint of the flow as LVMModule writes it: its weights and the config that rebuilds it."""
+    state = {f"lvm.{k}": v for k, v in flow.state_dict().items()}
+    torch.save({"state_dict": state, "pyro_lvm": {"model": {
+        "class": "pyro_lvm.models.flow.FlowModel", "config": flow.config}}}, path)
+    return path
+
+
 def test_logistic_base_survives_a_checkpoint_round_trip(tmp_path):
     from pyro_lvm.checkpoints import model_from_checkpoint
 
     flow = perturb(FlowModel(4, "nice", hidden=(8,), base="logistic"))
-    state = {f"lvm.{k}": v for k, v in flow.state_dict().items()}
-    path = tmp_path / "flow.ckpt"
-    torch.save({"state_dict": state, "pyro_lvm": {"model": {
-        "class": "pyro_lvm.models.flow.FlowModel", "config": flow.config}}}, path)
-    rebuilt = model_from_checkpoint(path)
+    rebuilt = model_from_checkpoint(_save(flow, tmp_path / "flow.ckpt"))
     x = torch.randn(5, 4)
     assert rebuilt.base_name == "logistic" and "base='logistic'" in repr(rebuilt)
     assert torch.allclose(rebuilt.log_prob(x), flow.eval().log_prob(x), atol=1e-5)
@@ -311,11 +315,7 @@ def test_alternate_mask_survives_a_checkpoint_round_trip_and_yaml(name, tmp_path
 
     flow = perturb(FlowModel(6, name, hidden=(8,), mask="alternate"))
     assert [t.mask_kind for t in flow.transforms if hasattr(t, "mask_kind")] == ["alternate"] * 4
-    state = {f"lvm.{k}": v for k, v in flow.state_dict().items()}
-    path = tmp_path / "flow.ckpt"
-    torch.save({"state_dict": state, "pyro_lvm": {"model": {
-        "class": "pyro_lvm.models.flow.FlowModel", "config": flow.config}}}, path)
-    rebuilt = model_from_checkpoint(path)
+    rebuilt = model_from_checkpoint(_save(flow, tmp_path / "flow.ckpt"))
     x = torch.randn(5, 6)
     assert {t.mask_kind for t in rebuilt.transforms if hasattr(t, "mask_kind")} == {"alternate"}
     assert torch.allclose(rebuilt.log_prob(x), flow.eval().log_prob(x), atol=1e-5)
