@@ -655,6 +655,11 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
     parser.add_argument("--output", default=None, metavar="FILE.json", help="default RUN/evaluate_<split>.json")
     parser.add_argument("--progress", action="store_true", help="show a progress bar")
     parser.add_argument(
+        "--device", default="auto", metavar="DEVICE",
+        help="where to evaluate: 'auto' (the first GPU when there is one, else the CPU), 'cpu', 'cuda', "
+             "'cuda:N' (default: %(default)s)",
+    )
+    parser.add_argument(
         "--compile", choices=["auto", "true", "false"], default="auto",
         help="score Bernoulli likelihoods with a fused kernel built by torch.compile: 'auto' for long runs "
              "(particles x data elements >= 1e9), falling back to the eager kernel if it cannot be built (default: %(default)s)",
@@ -664,8 +669,11 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
         parser.error(f"--num-particles must be a positive integer; got {options.num_particles}")
     if options.limit is not None and options.limit < 1:
         parser.error(f"--limit must be a positive integer; got {options.limit}")
+    device = _device(parser, options.device)
     module, datamodule = _load(parser, options)
     data = _split_data(datamodule, options.split, options.limit, options.subset, options.seed)
+    module = module.to(device)
+    data = {key: value.to(device) for key, value in data.items()}
     pl.seed_everything(options.seed, verbose=False)
     common = dict(num_particles=options.num_particles, chunk_size=options.chunk_size,
                   batch_size=options.batch_size, progress=options.progress)
@@ -680,7 +688,7 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
                 options.compile, "auto"), **common, **_kwargs(data))
     exact = isinstance(flow, FlowModel) or not latent
     numbers = {"checkpoint": str(Path(options.ckpt).resolve()), "split": options.split,
-               "model": type(flow).__name__, "flow": isinstance(flow, FlowModel), "exact": exact,
+               "model": type(flow).__name__, "flow": isinstance(flow, FlowModel), "exact": exact, "device": str(device),
                "subset": "all" if options.limit is None else f"{options.subset} {options.limit} (seed {options.seed})",
                **result.as_dict()}
     output = Path(options.output) if options.output else _run_dir(options.ckpt) / f"evaluate_{options.split}.json"
@@ -689,6 +697,21 @@ def evaluate_main(args: list[str]) -> dict[str, Any]:
     print(_evaluation_table(numbers))
     print(f"Wrote {output}")
     return numbers
+
+
+def _device(parser: argparse.ArgumentParser, name: str) -> torch.device:
+    """``--device``: ``auto`` is the first GPU when torch sees one, else the CPU; a GPU asked for must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        parser.error(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {name}: torch sees no CUDA GPU here; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {name}: there are {torch.cuda.device_count()} GPU(s), numbered from 0")
+    return device
 
 
 def _has_latents(guide: Callable, x: torch.Tensor, kwargs: dict) -> bool:

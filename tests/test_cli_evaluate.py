@@ -279,3 +279,22 @@ def test_a_random_subset_is_a_seeded_sample_of_the_whole_split(runs, tmp_path):
           f"--output={output}"])
     numbers = json.loads(output.read_text())
     assert numbers["num_points"] == 16 and numbers["subset"] == "random 16 (seed 3)"
+
+
+def test_evaluate_runs_on_the_device_it_is_given_and_refuses_one_that_is_not_there(runs, tmp_path, capsys):
+    out = {}
+    devices = ["cpu", "auto"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        output = tmp_path / f"{device}.json"
+        main(["evaluate", f"--ckpt={runs['vae']}", "--num-particles=20", "--limit=16", "--compile=false",
+              f"--device={device}", f"--output={output}"])
+        out[device] = json.loads(output.read_text())
+    assert out["cpu"]["device"] == "cpu"
+    assert out["auto"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():  # other draws on the GPU: the same estimate within its Monte-Carlo noise
+        assert out["cuda"]["log_likelihood"] == pytest.approx(out["cpu"]["log_likelihood"], abs=1.0)
+    missing = ["cuda:7"] if torch.cuda.is_available() and torch.cuda.device_count() < 8 else ["cuda"]
+    for device in ([] if torch.cuda.is_available() and missing == ["cuda"] else missing) + ["tpu-ish"]:
+        with pytest.raises(SystemExit):
+            main(["evaluate", f"--ckpt={runs['vae']}", "--num-particles=2", "--limit=2", f"--device={device}"])
+        assert "--device" in capsys.readouterr().err

@@ -141,42 +141,80 @@ def test_status_compares_with_the_rows_own_budget_whatever_max_epochs_asked():
     assert run._status(flow, capped, quick=False) == "stopped at the config's cap of 1000 passes"
     older = {"passes": 40.0, "epochs": 40, "sessions": [{"epochs": 40}]}  # a budget.json from before
     assert run._status(flow, older, quick=False).startswith("partial: 40 passes")
-    # a session that --max-minutes ended is cut short, not converged, though it stopped below its epochs
+    # a session that --max-minutes ended is cut short, not converged, though it stopped below its
+    # epochs: TimeBudget records that it stopped it (it ends sessions before their minutes run out)
     timed = {"passes": 60.0, "epochs": 60, "sessions": [{"epochs": 60, "max_epochs": 1500, "max_minutes": 100,
-                                                         "wall_clock_s": 6130.0}]}
+                                                         "wall_clock_s": 5900.0, "stopped_by_time": True}]}
     assert run._status(flow, timed, quick=False).startswith("partial: 60 passes")
-    early_in_time = {**timed, "sessions": [{**timed["sessions"][0], "wall_clock_s": 3000.0}]}
+    early_in_time = {**timed, "sessions": [{**timed["sessions"][0], "stopped_by_time": False}]}
     assert run._status(flow, early_in_time, quick=False) == "converged: early stopping after 60 passes"
+    # a budget.json from the Timer's days (no record): past its minutes means cut by time
+    older_timed = {**timed, "sessions": [{"epochs": 60, "max_epochs": 1500, "max_minutes": 100, "wall_clock_s": 6130.0}]}
+    assert run._status(flow, older_timed, quick=False).startswith("partial: 60 passes")
 
 
-def test_max_minutes_gives_a_resumed_session_its_own_minutes(tmp_path, monkeypatch):
-    # Lightning's Timer restores the training time of earlier sessions from the checkpoint it
-    # resumes; the runner's limit must add this session's minutes to it, or a resumed session
-    # would stop after one epoch
-    from pytorch_lightning.callbacks import Timer
-
+def test_max_minutes_adds_a_time_budget_that_records_its_stop(tmp_path, monkeypatch):
     from pyro_lvm.cli import LVMCLI
 
     monkeypatch.setattr("sys.argv", ["pyro-lvm"])
     run = _load("run")
-    earlier = Timer()
-    earlier.load_state_dict({"time_elapsed": {"train": 37 * 60.0}})  # 37 minutes trained before
-    checkpoint = tmp_path / "last.ckpt"
-    stub = {"state_dict": {}, "pyro_lvm": {}, "epoch": 3, "global_step": 40}  # what _timer_offset reads
-    torch.save({**stub, "callbacks": {earlier.state_key: earlier.state_dict()}}, checkpoint)
-    assert run._timer_offset(checkpoint) == pytest.approx(37 * 60.0)
-    args = run._parser().parse_args(["--max-minutes", "20"])
-    config = run._fit_config(run.ROWS["burda_1layer_vae"], tmp_path, tmp_path, 0, args, run._timer_offset(checkpoint))
+    schedule = _load("schedule")
+    args = run._parser().parse_args(["--max-minutes", "2.5"])
+    config = run._fit_config(run.ROWS["burda_1layer_vae"], tmp_path, tmp_path, 0, args)
     cli = LVMCLI(args=["--config", str(config), "--trainer.logger", "false"], run=False)
-    timers = [c for c in cli.trainer.callbacks if isinstance(c, Timer)]
-    assert len(timers) == 1
-    timers[0].load_state_dict(earlier.state_dict())  # what fit(ckpt_path=...) does on resume
-    assert timers[0].time_remaining("train") == pytest.approx(20 * 60.0, abs=1.0)
-    # checked at epoch ends, so the session stops on an epoch boundary that resumes cleanly
-    assert timers[0]._interval == "epoch"
-    # without a Timer in the checkpoint (a run started before --max-minutes) the offset is zero
-    torch.save({**stub, "callbacks": {}}, checkpoint)
-    assert run._timer_offset(checkpoint) == 0.0
+    budgets = [c for c in cli.trainer.callbacks if type(c).__name__ == "TimeBudget"]
+    assert len(budgets) == 1
+    assert budgets[0].seconds == 150.0
+    assert Path(budgets[0].record) == tmp_path / "burda_1layer_vae" / "time_budget.json"
+    with pytest.raises(SystemExit):  # a budget of no time is refused
+        run.main(["--max-minutes", "0", "--out", str(tmp_path)])
+    assert schedule.TimeBudget.__name__ == type(budgets[0]).__name__
+
+
+class _Trainer:
+    should_stop = False
+    current_epoch = 0
+
+
+def test_time_budget_stops_on_the_last_epoch_boundary_that_fits(tmp_path):
+    schedule = _load("schedule")
+    now = [0.0]
+    record = tmp_path / "stopped.json"
+    budget = schedule.TimeBudget(100.0, record=str(record), clock=lambda: now[0])
+    trainer = _Trainer()
+    budget.on_train_start(trainer, None)
+    ends = []
+    # epochs of 30 s, one of 35 s: after the third (95 s) no epoch fits, after the second
+    # (65 s) a third of the longest so far (35 s) ends at exactly 100 s, which fits
+    for length in (30.0, 35.0, 30.0, 30.0):
+        now[0] += length
+        budget.on_train_epoch_end(trainer, None)
+        ends.append(trainer.should_stop)
+        if trainer.should_stop:
+            break
+        trainer.current_epoch += 1
+    assert ends == [False, False, True]
+    assert now[0] <= 100.0
+    stopped = json.loads(record.read_text())
+    assert stopped["stopped"] and stopped["epoch"] == 2 and stopped["longest_epoch_s"] == 35.0
+    # a resumed session gets the whole budget again, and forgets the record of the last one
+    trainer = _Trainer()
+    budget.on_train_start(trainer, None)
+    assert not record.exists()
+    now[0] += 40.0
+    budget.on_train_epoch_end(trainer, None)
+    assert not trainer.should_stop  # 40 s in, the longest epoch 40 s: the next ends at 80 s
+    now[0] += 30.0
+    budget.on_train_epoch_end(trainer, None)
+    assert trainer.should_stop  # 70 s in: another 40 s epoch would end at 110 s
+    # a first epoch longer than the budget cannot be cut, but ends the session
+    trainer = _Trainer()
+    budget.on_train_start(trainer, None)
+    now[0] += 150.0
+    budget.on_train_epoch_end(trainer, None)
+    assert trainer.should_stop
+    with pytest.raises(ValueError, match="positive"):
+        schedule.TimeBudget(0.0)
 
 
 def test_beyond_table_states_the_gap_closed_only_at_equal_budgets():
@@ -218,6 +256,7 @@ def test_flow_rows_build_the_papers_models_and_optimizers(tmp_path, monkeypatch)
     nice, group = built["nice_mnist"]
     assert nice.base_name == "logistic" and nice.num_levels == 256 and nice.logit_alpha is None
     assert [type(t) for t in nice.transforms] == [AdditiveCoupling] * 4 + [DiagonalScaling]
+    assert {t.mask_kind for t in nice.transforms[:4]} == {"alternate"}  # the paper's odd/even split
     widths = [m.out_features for m in nice.transforms[0].modules() if isinstance(m, torch.nn.Linear)]
     assert widths == [1000] * 5 + [392]
     assert (group["lr"], tuple(group["betas"]), group["eps"]) == (1e-3, (0.9, 0.99), 1e-4)
@@ -241,3 +280,24 @@ def test_paper_bits_per_dim_of_the_flow_rows():
     log_det = -2954.3  # an E[sum log|dz/dy|] of the logit map
     maf = {"ours": -1279.6, "bits_per_dim": (c - log_det - (-1279.6)) / scale, "paper": -1323.2}
     assert curves.paper_bits_per_dim(maf) == pytest.approx((c - log_det + 1323.2) / scale, abs=1e-12)
+
+
+def test_child_runners_get_one_row_and_no_jobs():
+    run = _load("run")
+    argv = ["--rows", "a,b", "--jobs", "3", "--threads", "1", "--rows=c", "--jobs=2", "--max-minutes", "2"]
+    assert run._child_argv(argv, "nice_mnist") == ["--threads", "1", "--max-minutes", "2", "--rows", "nice_mnist"]
+
+
+@pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not available in {MNIST}")
+def test_jobs_run_rows_side_by_side_into_one_table(tmp_path):
+    run = _load("run")
+    rows = ["burda_1layer_vae", "burda_1layer_iwae5"]
+    results = run.main(["--rows", ",".join(rows), "--jobs", "2", "--threads", "1", "--max-steps", "30",
+                        "--batch-size", "100", "--num-particles", "10", "--limit", "50", "--out", str(tmp_path),
+                        "--data", str(DATA)])
+    assert [r["row"] for r in results] == rows
+    for name in rows:
+        assert (tmp_path / name / "runner.log").is_file() and (tmp_path / name / "result.json").is_file()
+        assert json.loads((tmp_path / name / "budget.json").read_text())["steps"] == 30
+    table = (tmp_path / "results.md").read_text().splitlines()
+    assert len(table) == 4 and "IWAE k=5" in table[3]

@@ -132,11 +132,11 @@ def logit_log_det(levels: "torch.Tensor", alpha: float = LOGIT_ALPHA, seed: int 
     return (math.log(1.0 - 2.0 * alpha) - torch.log(s) - torch.log1p(-s)).sum(-1)
 
 
-def _device(threads: Optional[int] = None) -> str:
+def _device(threads: Optional[int] = None, accelerator: Optional[str] = None) -> str:
     """The device a row ran on; on a CPU with the threads its runs used (``--threads``, else this process's)."""
     import torch
 
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and accelerator != "cpu":
         return f"GPU {torch.cuda.get_device_name(0)}"
     if threads is None:
         threads = int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))
@@ -148,8 +148,7 @@ def _data_root(row: Row, data: Path) -> str:
     return str(folder if folder.is_dir() else data)
 
 
-def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Namespace,
-                timer_offset: float = 0.0) -> Path:
+def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Namespace) -> Path:
     """The row's YAML with the run folder, data root, seed and any budget override filled in."""
     config = yaml.safe_load(row.config.read_text())
     config["seed_everything"] = seed
@@ -165,14 +164,11 @@ def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Names
     if args.limit_train_batches is not None:
         trainer["limit_train_batches"] = args.limit_train_batches
     if args.max_minutes is not None:
-        # Lightning's Timer, checked at the end of each epoch: the session ends on an epoch
-        # boundary (so its last checkpoint resumes cleanly), after the first epoch past the limit.
-        # A resumed Timer restores the training time of the earlier sessions from the checkpoint,
-        # so the limit is that time plus this session's minutes
-        seconds = int(timer_offset + 60 * args.max_minutes)
+        # the session ends on the last epoch boundary (a checkpoint --resume continues) that
+        # fits in this session's minutes, and records that the budget, not convergence, ended it
         trainer.setdefault("callbacks", []).append({
-            "class_path": "pytorch_lightning.callbacks.Timer",
-            "init_args": {"duration": {"seconds": seconds}, "interval": "epoch"}})
+            "class_path": "benchmarks.reproduce.schedule.TimeBudget",
+            "init_args": {"seconds": 60.0 * args.max_minutes, "record": str(_time_record(out, row))}})
     if args.batch_size is not None:
         config["data"]["init_args"]["batch_size"] = args.batch_size
     config["data"]["init_args"]["root"] = _data_root(row, data)
@@ -180,6 +176,11 @@ def _fit_config(row: Row, out: Path, data: Path, seed: int, args: argparse.Names
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def _time_record(out: Path, row: Row) -> Path:
+    """Where :class:`~benchmarks.reproduce.schedule.TimeBudget` notes that it ended a session."""
+    return out / row.name / "time_budget.json"
 
 
 def _env(threads: Optional[int]) -> dict[str, str]:
@@ -218,7 +219,7 @@ def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str
         budget_path.unlink(missing_ok=True)
     budget = json.loads(budget_path.read_text()) if budget_path.is_file() and args.resume else {"wall_clock_s": 0.0, "sessions": []}
     resuming = args.resume and last.is_file()
-    config = _fit_config(row, out, data, args.seed, args, _timer_offset(last) if resuming else 0.0)
+    config = _fit_config(row, out, data, args.seed, args)
     command = ["fit", "--config", str(config)]
     if resuming:
         command += ["--ckpt_path", str(last)]
@@ -243,25 +244,17 @@ def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str
     budget["wall_clock_s"] += seconds
     # the epochs this session was allowed: a flow row that ends below them was stopped early
     allowed = args.max_epochs if args.max_epochs is not None else resolved["trainer"].get("max_epochs")
-    device = _device(args.threads)
+    device = _device(args.threads, args.accelerator)
     session = {"wall_clock_s": round(seconds, 1), "device": device, "epochs": epochs, "steps": steps,
                "max_epochs": allowed}
     if args.max_minutes is not None:
         session["max_minutes"] = args.max_minutes
+        session["stopped_by_time"] = _time_record(out, row).is_file()
     budget["sessions"].append(session)
     budget.update(epochs=epochs, passes=round(passes, 2), steps=steps, max_epochs=max_epochs, device=device,
                   seed=args.seed, batch_size=batch_size)
     budget_path.write_text(json.dumps(budget, indent=2) + "\n")
     return budget
-
-
-def _timer_offset(checkpoint_path: Path) -> float:
-    """Training seconds a Lightning ``Timer`` recorded in a checkpoint (0 when it holds none)."""
-    from pyro_lvm.checkpoints import load_checkpoint
-
-    states = load_checkpoint(str(checkpoint_path)).get("callbacks") or {}
-    return sum(float((state.get("time_elapsed") or {}).get("train", 0.0))
-               for key, state in states.items() if str(key).startswith("Timer") and isinstance(state, dict))
 
 
 def _num_train(row: Row, data_args: dict[str, Any]) -> int:
@@ -278,6 +271,9 @@ def evaluate(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[
                "--num-particles", str(args.num_particles), "--seed", str(args.seed), "--output", str(output)]
     if args.limit is not None:  # a random subset: the test split's order is not random
         command += ["--limit", str(args.limit), "--subset", "random"]
+    # on the device the row trained on; chunks of particles as large as its memory allows
+    command += ["--device", "cpu" if args.accelerator == "cpu" else "auto", "--chunk-size", str(args.chunk_size),
+                "--compile", args.compile]
     start = time.perf_counter()
     _cli(command, _env(args.threads), folder / "log.txt")
     seconds = time.perf_counter() - start
@@ -324,7 +320,10 @@ def _status(row: Row, budget: dict[str, Any], quick: bool) -> str:
         sessions = budget.get("sessions") or [{}]
         allowed = sessions[-1].get("max_epochs")
         minutes = sessions[-1].get("max_minutes")
-        timed_out = minutes is not None and sessions[-1].get("wall_clock_s", 0.0) >= 60 * minutes
+        # TimeBudget records whether it ended the session; before it, Lightning's Timer ended
+        # sessions after the first epoch past the minutes
+        timed_out = sessions[-1].get("stopped_by_time", minutes is not None
+                                     and sessions[-1].get("wall_clock_s", 0.0) >= 60 * minutes)
         if max_epochs is not None and passes >= max_epochs - 0.01:
             return f"stopped at the config's cap of {max_epochs} passes"
         if allowed is not None and budget.get("epochs", passes) < allowed and not timed_out:
@@ -413,12 +412,19 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-steps", type=int, default=None, help="override the config's step budget")
     parser.add_argument("--limit-train-batches", type=int, default=None, metavar="N",
                         help="train on N batches per epoch only (smoke tests of a row)")
-    parser.add_argument("--max-minutes", type=int, default=None, metavar="M",
-                        help="end this session after the first epoch that finishes past M minutes of training "
+    parser.add_argument("--max-minutes", type=float, default=None, metavar="M",
+                        help="end this session on the last epoch boundary that fits in M minutes of training "
                              "(resume it later with --resume)")
     parser.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     parser.add_argument("--accelerator", default=None, help="override trainer.accelerator (cpu, gpu, auto)")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of the training and evaluation")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="run N rows at once, each in its own process (a GPU trains several small models "
+                             "side by side; on a CPU give each --threads 1); default 1")
+    parser.add_argument("--chunk-size", type=int, default=100,
+                        help="particles per vectorized run of the evaluation (memory; 1000 suits a GPU); default 100")
+    parser.add_argument("--compile", choices=["auto", "true", "false"], default="auto",
+                        help="the evaluation's fused Bernoulli kernel (pyro-lvm evaluate --compile); default auto")
     parser.add_argument("--seed", type=int, default=0, help="seed_everything of training and the evaluation's seed")
     return parser
 
@@ -437,30 +443,95 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     unknown = [n for n in names if n not in ROWS]
     if unknown:
         parser.error(f"--rows: unknown {unknown}; choose from {', '.join(ROWS)}")
-    for key in ("num_particles", "limit", "max_epochs", "max_steps", "max_minutes", "batch_size", "threads",
-                "limit_train_batches"):
+    for key in ("num_particles", "limit", "max_epochs", "max_steps", "batch_size", "threads",
+                "limit_train_batches", "jobs", "chunk_size"):
         value = getattr(args, key)
         if value is not None and value < 1:
             parser.error(f"--{key.replace('_', '-')} must be a positive integer; got {value}")
+    if args.max_minutes is not None and not args.max_minutes > 0:
+        parser.error(f"--max-minutes must be a positive number of minutes; got {args.max_minutes}")
     out, data = Path(args.out).resolve(), Path(args.data).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    results = []
     for name in names:
-        row = ROWS[name]
-        if not Path(_data_root(row, data)).is_dir():
-            parser.error(f"row {name} needs {data / row.data}; pass --data or set PYRO_LVM_DATA")
-        if args.evaluate_only:
-            budget = json.loads((out / name / "budget.json").read_text())
-        else:
-            print(f"[{name}] training ({row.config.relative_to(REPO)}) ...", flush=True)
-            budget = train(row, out, data, args)
-        print(f"[{name}] evaluating with K={args.num_particles} ...", flush=True)
-        result = {"row": name, "paper": row.paper, "source": row.source, **evaluate(row, out, data, args),
-                  "budget": budget, "quick": args.quick}
-        result["status"] = _status(row, budget, args.quick)
-        (out / name / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-        results.append(result)
-        print(f"[{name}] ours {result['ours']:.2f} ± {result['stderr']:.2f}, paper {row.paper:.2f}", flush=True)
+        if not Path(_data_root(ROWS[name], data)).is_dir():
+            parser.error(f"row {name} needs {data / ROWS[name].data}; pass --data or set PYRO_LVM_DATA")
+    if args.jobs > 1 and len(names) > 1:
+        results = _run_jobs(names, out, args.jobs, list(sys.argv[1:] if argv is None else argv))
+    else:
+        results = [_run_row(ROWS[name], out, data, args) for name in names]
+    _write_tables(out)
+    return results
+
+
+def _run_row(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Train (unless ``--evaluate-only``) and evaluate one row; writes ``OUT/ROW/result.json``."""
+    name = row.name
+    if args.evaluate_only:
+        budget = json.loads((out / name / "budget.json").read_text())
+    else:
+        print(f"[{name}] training ({row.config.relative_to(REPO)}) ...", flush=True)
+        budget = train(row, out, data, args)
+    print(f"[{name}] evaluating with K={args.num_particles} ...", flush=True)
+    result = {"row": name, "paper": row.paper, "source": row.source, **evaluate(row, out, data, args),
+              "budget": budget, "quick": args.quick}
+    result["status"] = _status(row, budget, args.quick)
+    (out / name / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[{name}] ours {result['ours']:.2f} ± {result['stderr']:.2f}, paper {row.paper:.2f}", flush=True)
+    return result
+
+
+def _child_argv(argv: list[str], row: str) -> list[str]:
+    """The runner's own arguments for one row: ``--rows ROW`` in place of ``--rows`` and ``--jobs``."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--rows", "--jobs"):
+            skip = True
+        elif not arg.startswith(("--rows=", "--jobs=")):
+            kept.append(arg)
+    return [*kept, "--rows", row]
+
+
+def _run_jobs(names: list[str], out: Path, jobs: int, argv: list[str]) -> list[dict[str, Any]]:
+    """Each row in its own runner process, ``jobs`` at a time; its output in ``OUT/ROW/runner.log``.
+
+    A row that fails does not stop the others: its log's tail is printed, and the runner exits
+    with an error once every row has ended (after writing the tables of those that finished).
+    """
+    waiting, running, failed = list(names), {}, []
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            name = waiting.pop(0)
+            log = out / name / "runner.log"
+            log.parent.mkdir(parents=True, exist_ok=True)
+            stream = log.open("w")
+            command = [sys.executable, str(Path(__file__).resolve()), *_child_argv(argv, name)]
+            running[name] = (subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT), stream)
+            print(f"[{name}] started ({log})", flush=True)
+        time.sleep(1.0)
+        for name, (process, stream) in list(running.items()):
+            if process.poll() is None:
+                continue
+            stream.close()
+            del running[name]
+            text = (out / name / "runner.log").read_text()
+            if process.returncode != 0:
+                failed.append(name)
+                print(f"[{name}] FAILED (exit {process.returncode}):\n" + "\n".join(text.splitlines()[-15:]), flush=True)
+            else:
+                print(next((line for line in reversed(text.splitlines()) if line.startswith(f"[{name}] ours")),
+                           f"[{name}] done"), flush=True)
+    results = [json.loads((out / n / "result.json").read_text()) for n in names
+               if n not in failed and (out / n / "result.json").is_file()]
+    if failed:
+        _write_tables(out)
+        raise SystemExit(f"rows that failed: {', '.join(failed)} (logs: OUT/ROW/runner.log and OUT/ROW/log.txt)")
+    return results
+
+
+def _write_tables(out: Path) -> None:
+    """``OUT/results.md|rst`` (and ``beyond.md|rst``) of every row with a ``result.json`` in ``OUT``."""
     # the table holds every row with a result in OUT, in the order of ROWS
     everything = [json.loads((out / n / "result.json").read_text()) for n in ROWS if (out / n / "result.json").is_file()]
     markdown, rst = format_tables(everything)
@@ -472,7 +543,6 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
         (out / "beyond.md").write_text(beyond_md)
         (out / "beyond.rst").write_text(beyond_rst)
         print(beyond_md + f"Wrote {out / 'beyond.md'} and {out / 'beyond.rst'}")
-    return results
 
 
 if __name__ == "__main__":

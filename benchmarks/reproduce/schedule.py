@@ -1,10 +1,16 @@
-"""Burda et al. (2015)'s learning-rate schedule as a Lightning callback, for the reproduction configs."""
+"""Callbacks of the reproduction runs: Burda et al. (2015)'s learning-rate schedule, and a
+wall-clock budget that ends a session on the last epoch boundary that fits in it."""
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
 import pytorch_lightning as pl
 
-__all__ = ["BurdaSchedule", "burda_stage"]
+__all__ = ["BurdaSchedule", "TimeBudget", "burda_stage"]
 
 
 def burda_stage(epoch: int, num_stages: int = 8) -> int:
@@ -94,3 +100,75 @@ class BurdaSchedule(pl.Callback):
                 group["lr"] = base * factor
                 if self.eps is not None:
                     group["eps"] = self.eps
+
+
+class TimeBudget(pl.Callback):
+    r"""Ends training at the last epoch boundary that fits in ``seconds`` of wall-clock.
+
+    At the end of each epoch (its validation and checkpoint included: the clock runs from one
+    epoch end to the next), training stops when one more epoch, as long as the longest one of
+    this session so far, would end past the budget:
+
+    .. math::
+
+        t_{\text{elapsed}} + \max_{e \le n} \Delta t_e > T .
+
+    So a session on a lease (a GPU booked for ten minutes, a batch job's time limit) ends on
+    a checkpoint that ``--resume`` continues, without running past its time, unlike
+    Lightning's ``Timer``, which checks after the epoch that crosses the limit. Only the
+    first epoch can overrun (nothing is known of its length before it ends). The budget is
+    this session's: a resumed run gets ``seconds`` again.
+
+    Arguments:
+        seconds: the wall-clock budget of this session, from the start of training.
+        record: a JSON file written when the budget ends training (``{"stopped": true,
+            "epoch": ..., "elapsed_s": ..., "longest_epoch_s": ...}``), so that a caller
+            can tell a session cut by time from one that early stopping or its epoch cap ended.
+        clock: the clock, in seconds (``time.monotonic``; a test passes its own).
+
+    Example:
+        >>> ticks = iter([0.0, 40.0, 70.0])          # train start, then two epoch ends
+        >>> budget = TimeBudget(100.0, clock=lambda: next(ticks))
+        >>> class Trainer:
+        ...     should_stop = False
+        ...     current_epoch = 0
+        >>> trainer = Trainer()
+        >>> budget.on_train_start(trainer, None)
+        >>> budget.on_train_epoch_end(trainer, None)   # 40 s in, the longest epoch 40 s: 80 <= 100
+        >>> trainer.should_stop
+        False
+        >>> budget.on_train_epoch_end(trainer, None)   # 70 s in: another 40 s epoch would end at 110
+        >>> trainer.should_stop
+        True
+    """
+
+    def __init__(self, seconds: float, record: Optional[str] = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not seconds > 0:
+            raise ValueError(f"seconds must be positive; got {seconds}.")
+        self.seconds = float(seconds)
+        self.record = record
+        self.clock = clock
+        self._start: Optional[float] = None
+        self._last = 0.0
+        self.longest_epoch = 0.0
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = self._last = self.clock()
+        self.longest_epoch = 0.0
+        if self.record is not None:
+            Path(self.record).unlink(missing_ok=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._start is None:
+            return
+        now = self.clock()
+        self.longest_epoch = max(self.longest_epoch, now - self._last)
+        self._last = now
+        elapsed = now - self._start
+        if not trainer.should_stop and elapsed + self.longest_epoch > self.seconds:
+            trainer.should_stop = True
+            if self.record is not None:
+                Path(self.record).write_text(json.dumps({
+                    "stopped": True, "epoch": int(trainer.current_epoch), "elapsed_s": round(elapsed, 1),
+                    "longest_epoch_s": round(self.longest_epoch, 1), "budget_s": self.seconds}) + "\n")
