@@ -177,7 +177,9 @@ class LatentMonitor:
             activity = (square - mean * mean).clamp(min=0.0)
             # n/(n-1): the unbiased covariance, as torch.var would give
             activity = activity * count / (count - 1).clamp(min=1.0)
-            out[site] = {"kl": kl.float().reshape(shape), "activity": activity.float().reshape(shape), "count": int(count)}
+            # an epoch's summary, kept in the history: on the host, whatever device trained
+            out[site] = {"kl": kl.float().reshape(shape).cpu(), "activity": activity.float().reshape(shape).cpu(),
+                         "count": int(count)}
         return out
 
     def end_epoch(

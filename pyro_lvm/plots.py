@@ -69,7 +69,7 @@ def image_grid(rows: Sequence[torch.Tensor], path: Union[str, Path], titles: Seq
             ax = axes[i][j]
             ax.axis("off")
             if j < len(row):
-                ax.imshow(row[j].numpy(), cmap="gray", vmin=0, vmax=1)
+                ax.imshow(row[j].detach().cpu().numpy(), cmap="gray", vmin=0, vmax=1)
         if i < len(titles):
             axes[i][0].set_title(titles[i], fontsize=8, loc="left")
     fig.tight_layout()
@@ -188,7 +188,7 @@ def plot_latent_usage(history: Sequence[dict], path: _PathLike, site: Optional[s
     fig = Figure(figsize=(4.5 * (3 if spatial else 2), 3.5))
     axes = fig.subplots(1, 3 if spatial else 2, squeeze=False)[0]
     image = axes[0].imshow(
-        kl.numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
+        kl.cpu().numpy(), aspect="auto", cmap="viridis", interpolation="nearest",
         extent=(epochs[0] - 0.5, epochs[-1] + 0.5, kl.shape[0] - 0.5, -0.5),
     )
     fig.colorbar(image, ax=axes[0], label="KL (nats)")
@@ -205,7 +205,7 @@ def plot_latent_usage(history: Sequence[dict], path: _PathLike, site: Optional[s
     axes[1].set_title("active units and KL", fontsize=9)
     if spatial:
         per_location = sites[site]["kl"].sum(0)
-        image = axes[2].imshow(per_location.numpy(), cmap="viridis", interpolation="nearest")
+        image = axes[2].imshow(per_location.cpu().numpy(), cmap="viridis", interpolation="nearest")
         fig.colorbar(image, ax=axes[2], label="KL (nats)")
         axes[2].set_title(f"KL per location, epoch {epochs[-1]}", fontsize=9)
         axes[2].set_xticks([])
@@ -697,7 +697,7 @@ def _save_tiles(
     fig_w, fig_h = left + right + n_cols * tile_w, top + bottom + n_rows * tile_inches
     fig = Figure(figsize=(fig_w, fig_h))
     ax = fig.add_axes((left / fig_w, bottom / fig_h, n_cols * tile_w / fig_w, n_rows * tile_inches / fig_h))
-    ax.imshow(canvas.numpy(), cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
+    ax.imshow(canvas.cpu().numpy(), cmap="gray", vmin=0, vmax=1, aspect="auto", interpolation="nearest")
     ax.set_xticks([j * (width + 1) + (width - 1) / 2 for j in range(len(col_labels))], list(col_labels), fontsize=7)
     ax.set_yticks([i * (height + 1) + (height - 1) / 2 for i in range(len(row_labels))], list(row_labels), fontsize=7)
     ax.tick_params(length=0)

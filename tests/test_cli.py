@@ -39,6 +39,25 @@ def test_fit_with_defaults_writes_the_run_folder(tmp_path, monkeypatch, capsys):
     assert ckpt["pyro_lvm"]["model"]["config"]["latent_dim"] == 2
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.filterwarnings("ignore:.*Tensor Cores.*", "ignore:.*pin_memory.*")
+def test_fit_and_evaluate_on_a_gpu_write_the_whole_run_folder(tmp_path, monkeypatch):
+    # on a GPU the latent monitor's epochs live on the device: the run's pictures (latent usage
+    # too) and the evaluation must bring them to the host (the first H200 run failed there)
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--trainer.max_epochs=2", "--trainer.accelerator=gpu", "--trainer.devices=1", *QUIET])
+    run = tmp_path / "runs" / "vae_digits" / "version_0"
+    for name in ("reconstructions.png", "samples.png", "latent_usage.png", "latent_stats.csv"):
+        assert (run / name).is_file(), name
+    output = tmp_path / "gpu.json"
+    main(["evaluate", f"--ckpt={run / 'checkpoints' / 'last.ckpt'}", "--num-particles=50", "--device=cuda",
+          f"--output={output}"])
+    numbers = json.loads(output.read_text())
+    assert numbers["device"] == "cuda" and numbers["log_likelihood"] >= numbers["elbo"] - 0.05
+
+
 @pytest.mark.filterwarnings("ignore:The dirpath has changed")
 def test_fit_resumes_from_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
