@@ -14,6 +14,7 @@ their learning curves.
     python benchmarks/reproduce/run.py --rows burda_1layer_vae,burda_1layer_iwae50
     python benchmarks/reproduce/run.py --rows burda_1layer_vae --resume --max-epochs 100
     python benchmarks/reproduce/run.py --rows nice_mnist --resume --max-minutes 120   # one session's share
+    python benchmarks/reproduce/run.py --rows all --jobs 13 --threads 1 --accelerator gpu --chunk-size 1000
 
 Units. Binarized rows: the test negative log-likelihood in nats (lower is better), the IWAE
 estimate with ``K`` importance samples. Flow rows: the test log-likelihood in the paper's units
