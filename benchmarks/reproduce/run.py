@@ -434,6 +434,8 @@ def main(argv: Optional[Sequence[str]] = None) -> list[dict[str, Any]]:
     """Run the chosen rows; returns their results (also written to ``OUT/ROW/result.json`` and the tables)."""
     parser = _parser()
     args = parser.parse_args(argv)
+    if str(REPO) not in sys.path:  # pyro_lvm from this checkout, as the subprocesses get it (_env)
+        sys.path.insert(0, str(REPO))
     if args.quick:
         for key in ("max_steps", "batch_size", "num_particles", "limit"):
             if getattr(args, key) is None:
@@ -508,7 +510,8 @@ def _run_jobs(names: list[str], out: Path, jobs: int, argv: list[str]) -> list[d
             log.parent.mkdir(parents=True, exist_ok=True)
             stream = log.open("w")
             command = [sys.executable, str(Path(__file__).resolve()), *_child_argv(argv, name)]
-            running[name] = (subprocess.Popen(command, cwd=REPO, stdout=stream, stderr=subprocess.STDOUT), stream)
+            running[name] = (subprocess.Popen(command, cwd=REPO, env=_env(None), stdout=stream,
+                                              stderr=subprocess.STDOUT), stream)
             print(f"[{name}] started ({log})", flush=True)
         time.sleep(1.0)
         for name, (process, stream) in list(running.items()):
