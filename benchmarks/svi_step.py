@@ -17,7 +17,9 @@ with lr 1e-3):
 * ``a``: batch 128, 784-400-20, MNIST training images binarized once (seed 0);
 * ``b``: batch 1024, the same net and data;
 * ``c``: batch 16, 16-8-2, MNIST downsampled to 4x4 (means of 7x7 blocks), binarized once;
-* ``d``: the score-function estimator on ``a``.
+* ``d``: the score-function estimator on ``a``;
+* ``e``: the IWAE bound with ``K = 5`` particles on ``a``'s net and data, in mini-batches of 20
+  (Burda et al.'s batch size, where the step's overhead matters most).
 
 Without the MNIST files (``--mnist-root``) random binary data of the same shapes is used
 and the script says so. Variants:
@@ -33,21 +35,28 @@ and the script says so. Variants:
   in its gradient (:math:`\\bar\\ell` the detached signal) and :math:`-\\frac1B \\sum_i \\ell_i`
   in its value, and the baseline :math:`b` is the decaying
   average of the batch mean of :math:`\\bar\\ell`: 0 at the first step, then the average
-  before the step, updated after use as ``b <- 0.9 b + 0.1 mean(l)``.
+  before the step, updated after use as ``b <- 0.9 b + 0.1 mean(l)``. For ``e`` a hand-written
+  IWAE step: :math:`K` draws :math:`z_k = \\mu + \\sigma\\epsilon_k`, the loss
+  :math:`-\\frac1B \\sum_i \\log \\frac1K \\sum_k w_{ik}` with
+  :math:`\\log w_{ik} = \\log p(x_i \\mid z_{ik}) + \\log p(z_{ik}) - \\log q(z_{ik} \\mid x_i)`.
 * ``pyro SVI Trace_ELBO``: stock :class:`pyro.infer.SVI` with :class:`~pyro.infer.Trace_ELBO`
   and ``pyro.optim.Adam`` on a copy of the VAE's ``model`` and ``guide``. For ``d``:
   ``pyro SVI TraceGraph_ELBO``, the guide's ``z`` made non-reparameterized
   (``has_rsample_(False)``) with ``infer={"baseline": {"use_decaying_avg_baseline": True}}``,
   Pyro's own score-function recipe.
 * ``pyro SVI JitTrace_ELBO``: the same with :class:`~pyro.infer.JitTrace_ELBO`
-  (``ignore_jit_warnings=True``); not for ``d``.
+  (``ignore_jit_warnings=True``); not for ``d`` and ``e``. For ``e``: ``pyro SVI RenyiELBO``,
+  stock Pyro's :class:`~pyro.infer.RenyiELBO` with ``alpha=0`` (the IWAE bound) and
+  ``K`` vectorized particles.
 * ``pyro_lvm``: :class:`pyro_lvm.LVMModule` with ``estimator="analytic_kl"``
   (``"score_function"`` for ``d``), stepped by ``loss = module(x); loss.backward();
   optimizer.step()`` with the optimizer of ``module.configure_optimizers()``. For ``a``
   also ``pyro_lvm reparam`` (``estimator="reparam"``), and for ``a`` and ``c``
   ``pyro_lvm user pair``: the VAE's ``model`` and ``guide`` wrapped in two plain functions,
   as a user's own pair is, which has no fast path and runs through Pyro's ``Trace_ELBO``
-  (compare it with ``pyro SVI Trace_ELBO``: the issue's target is no slower).
+  (compare it with ``pyro SVI Trace_ELBO``: the issue's target is no slower). For ``e``:
+  ``estimator="iwae", num_particles=5``, and ``pyro_lvm iwae, Pyro's path``, the same with
+  ``fast_step=False`` (pyro_lvm's :class:`~pyro_lvm.estimators.IWAEELBO` through Pyro's traces).
 
 Pyro's validation stays at its default (on) for every variant, since that is what users
 get; the hand-written steps use no distributions and are not affected by it.
@@ -86,7 +95,7 @@ import pyro
 import pyro.infer.util
 import torch
 import torch.nn.functional as F
-from pyro.infer import SVI, JitTrace_ELBO, Trace_ELBO, TraceGraph_ELBO
+from pyro.infer import SVI, JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceGraph_ELBO
 from torch import nn
 
 from pyro_lvm import VAE, LVMModule
@@ -113,9 +122,10 @@ class Config:
     target: float
     steps: int  # default timed steps per round
     data: str  # "mnist" (28x28) or "mnist4x4"
+    iwae: int = 0  # K particles of the IWAE bound (0: a single-sample estimator)
 
     def title(self) -> str:
-        estimator = "score function" if self.score_function else "analytic KL"
+        estimator = f"IWAE k={self.iwae}" if self.iwae else "score function" if self.score_function else "analytic KL"
         return (
             f"({self.key}) batch {self.batch_size}, {self.data_dim}-{self.hidden}-{self.latent} MLP VAE, "
             f"Bernoulli, {estimator}"
@@ -127,12 +137,14 @@ CONFIGS = {
     "b": Config("b", 784, 400, 20, 1024, False, 0.98, 8, "mnist"),
     "c": Config("c", 16, 8, 2, 16, False, 0.80, 200, "mnist4x4"),
     "d": Config("d", 784, 400, 20, 128, True, 0.70, 40, "mnist"),
+    "e": Config("e", 784, 400, 20, 20, False, 0.80, 100, "mnist", iwae=5),
 }
 QUICK = {
     "a": Config("a", 784, 32, 4, 32, False, 0.95, 3, "mnist"),
     "b": Config("b", 784, 32, 4, 64, False, 0.98, 3, "mnist"),
     "c": Config("c", 16, 8, 2, 16, False, 0.80, 3, "mnist4x4"),
     "d": Config("d", 784, 32, 4, 32, True, 0.70, 3, "mnist"),
+    "e": Config("e", 784, 32, 4, 20, False, 0.80, 3, "mnist", iwae=5),
 }
 
 
@@ -220,11 +232,28 @@ class HandWrittenReinforce:
         return -(signal.sum() + score - score.detach()) / x.shape[0]
 
 
+class HandWrittenIWAE:
+    """The IWAE bound with ``k`` particles: ``-mean_i log mean_k w_ik``."""
+
+    def __init__(self, net: HandWrittenVAE, k: int):
+        self.net, self.k = net, k
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        loc, scale = self.net.encode(x)
+        eps = torch.randn((self.k,) + loc.shape, device=loc.device)
+        z = loc + scale * eps
+        log_lik = -F.binary_cross_entropy_with_logits(
+            self.net.decoder(z), x.expand(self.k, *x.shape), reduction="none").sum(-1)
+        log_w = log_lik + (0.5 * (eps.pow(2) - z.pow(2)) + scale.log()).sum(-1)  # log p(z) - log q(z)
+        return -(torch.logsumexp(log_w, 0) - math.log(self.k)).sum() / x.shape[0]
+
+
 def torch_step(config: Config, vae: VAE, lr: float) -> Step:
     net = HandWrittenVAE(config.data_dim, config.hidden, config.latent).to(next(vae.parameters()).device)
     net.encoder.load_state_dict(vae.encoder.state_dict())
     net.decoder.load_state_dict(vae.decoder.state_dict())
-    loss_fn = HandWrittenReinforce(net) if config.score_function else net
+    loss_fn = (HandWrittenIWAE(net, config.iwae) if config.iwae else HandWrittenReinforce(net)
+               if config.score_function else net)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
 
     def step(x: torch.Tensor) -> None:
@@ -244,13 +273,15 @@ def _pyro_sample(self, msg) -> None:
             msg["infer"] = {**msg["infer"], "baseline": {"use_decaying_avg_baseline": True}}
 
 
-def svi_step(elbo: str, vae: VAE, lr: float) -> Step:
+def svi_step(elbo: str, vae: VAE, lr: float, num_particles: int = 1) -> Step:
     state: dict = {"params": {}, "constraints": {}}  # a private param store, as LVMModule has
     guide = vae.guide
     if elbo == "TraceGraph_ELBO":
         guide, loss = _Reinforce()(vae.guide), TraceGraph_ELBO()
     elif elbo == "JitTrace_ELBO":
         loss = JitTrace_ELBO(ignore_jit_warnings=True)
+    elif elbo == "RenyiELBO":  # alpha = 0: the IWAE bound
+        loss = RenyiELBO(alpha=0.0, num_particles=num_particles, vectorize_particles=True, max_plate_nesting=1)
     else:
         loss = Trace_ELBO()
     svi = SVI(vae.model, guide, pyro.optim.Adam({"lr": lr}), loss)
@@ -262,8 +293,10 @@ def svi_step(elbo: str, vae: VAE, lr: float) -> Step:
     return step
 
 
-def pyro_lvm_step(estimator: str, vae: VAE, lr: float, batch: torch.Tensor) -> Step:
-    module = LVMModule(vae, estimator=estimator, lr=lr, latent_monitor=False)
+def pyro_lvm_step(estimator: str, vae: VAE, lr: float, batch: torch.Tensor, num_particles: int = 1,
+                  fast_step: bool = True) -> Step:
+    module = LVMModule(vae, estimator=estimator, lr=lr, latent_monitor=False, num_particles=num_particles,
+                       fast_step=fast_step)
     module.initialize(batch)
     optimizer = module.configure_optimizers()
     if not isinstance(optimizer, torch.optim.Optimizer):  # e.g. a dict with a scheduler
@@ -280,6 +313,14 @@ def pyro_lvm_step(estimator: str, vae: VAE, lr: float, batch: torch.Tensor) -> S
 
 def variants(config: Config) -> dict[str, Callable[[VAE, float, torch.Tensor], Step]]:
     """The variants of a configuration: name -> builder(vae copy, lr, first batch)."""
+    if config.iwae:
+        k = config.iwae
+        return {
+            REFERENCE: lambda vae, lr, batch: torch_step(config, vae, lr),
+            "pyro SVI RenyiELBO": lambda vae, lr, batch: svi_step("RenyiELBO", vae, lr, k),
+            "pyro_lvm iwae, Pyro's path": lambda vae, lr, batch: pyro_lvm_step("iwae", vae, lr, batch, k, False),
+            CANDIDATE: lambda vae, lr, batch: pyro_lvm_step("iwae", vae, lr, batch, k),
+        }
     if config.score_function:
         return {
             REFERENCE: lambda vae, lr, batch: torch_step(config, vae, lr),

@@ -180,7 +180,9 @@ class LVMModule(pl.LightningModule):
             run folder, and warns (:class:`~pyro_lvm.monitoring.PosteriorCollapseWarning`)
             when the posterior collapses.
         fast_step: for a built-in model (whose ``model`` and ``guide`` are its own) with
-            the ``"reparam"`` or ``"analytic_kl"`` estimator and one particle, compute
+            the ``"reparam"``, ``"analytic_kl"`` or ``"score_function"`` estimator and one
+            particle, or ``"iwae"`` or ``"dreg"`` with any number (a Gaussian q and
+            :math:`p(z) = \mathcal N(0, I)` for the last three), compute
             the training loss after the first step without Pyro's tracing
             (:class:`pyro_lvm.estimators.fast.FastLoss`): the same loss, gradients and random
             draws for the same seed, with Pyro's argument checks run once instead of every
@@ -390,7 +392,7 @@ class LVMModule(pl.LightningModule):
     def forward(self, batch: Any) -> torch.Tensor:
         """The training loss ``-ELBO_beta`` per data point, differentiable.
 
-        For a built-in model with the ``"reparam"`` or ``"analytic_kl"`` estimator, every
+        For a built-in model with an estimator that has a fast path (``fast_step``), every
         call after the first computes the same loss without Pyro's tracing
         (:class:`pyro_lvm.estimators.fast.FastLoss`; see ``fast_step``).
         """

@@ -25,7 +25,15 @@ distributions (:meth:`~pyro_lvm.models.base.LatentVariableModel.posterior`,
   Rao-Blackwellized per data point, without the trace bookkeeping: with :math:`z_i` drawn
   without a gradient and the signal :math:`\ell_i = \log p_\theta(x_i \mid z_i) + \beta(\log p(z_i) - \log q_\phi(z_i \mid x_i))`,
   the value :math:`-\sum_i \ell_i` with the gradient of
-  :math:`-\sum_i [\ell_i + (\ell_i - b) \log q_\phi(z_i \mid x_i)]` (the estimator's running-average baseline :math:`b`),
+  :math:`-\sum_i [\ell_i + (\ell_i - b) \log q_\phi(z_i \mid x_i)]` (the estimator's running-average baseline :math:`b`);
+* ``"iwae"`` (:class:`~pyro_lvm.estimators.IWAEELBO`) and ``"dreg"``
+  (:class:`~pyro_lvm.estimators.DReGELBO`; Gaussian :math:`q` and :math:`p(z)` only): with
+  :math:`K` draws :math:`z_k = \mu + \sigma \epsilon_k` and
+  :math:`\log w_k = \log p_\theta(x \mid z_k) + \beta(\log p(z_k) - \log q_\phi(z_k \mid x))`,
+  the loss :math:`-\big[\log \sum_k w_k - \log K\big]`; for DReG, :math:`\log q` is
+  differentiated through :math:`z_k` only and the gradient reaching each :math:`z_k` is
+  scaled by its normalized weight :math:`\tilde w_k`, which gives the guide's gradient
+  :math:`\sum_k \tilde w_k^2\, \partial \log w_k / \partial z_k \cdot \partial z_k / \partial \phi`,
 
 summed over the batch. Where :math:`q` is the encoder's diagonal Gaussian,
 :math:`p(z) = \mathcal N(0, I)` and the likelihood a Bernoulli or Gaussian (a plain
@@ -41,7 +49,7 @@ distributions' argument checks are off, the data's shape is checked on every bat
 their values (NaNs, a Bernoulli likelihood's binary values) on the first batch of every
 epoch and every 50th batch (:attr:`FastLoss.check_every`).
 
-Anything else (other estimators, several particles, ``kl_control``, the NVIL baseline,
+Anything else (other estimators, several particles for the single-sample estimators, ``kl_control``, the NVIL baseline,
 a replaced guide, a model with its own ``model``/``guide``, extra model arguments such as
 ``num_data``, a latent without ``rsample``) runs through Pyro as before; :func:`fast_path_blocker` names the reason.
 """
@@ -56,6 +64,7 @@ import torch
 from pyro.distributions.kl import kl_divergence
 from torch.nn.functional import binary_cross_entropy_with_logits
 
+from .iwae import DReGELBO, IWAEELBO, _ScaleGrad
 from .score_function import ScoreFunctionELBO
 from .trace import AnalyticKLELBO, ReparamELBO
 
@@ -76,8 +85,10 @@ def fast_path_blocker(lvm: Any, guide: Callable, estimator: Any) -> Optional[str
         >>> vae = VAE(data_shape=4, latent_dim=2, hidden_dims=[8])
         >>> fast_path_blocker(vae, vae.guide, make_elbo("analytic_kl")) is None
         True
-        >>> fast_path_blocker(vae, vae.guide, make_elbo("iwae", num_particles=5))
-        'estimator IWAEELBO (only reparam, analytic_kl and score_function have a fast path)'
+        >>> fast_path_blocker(vae, vae.guide, make_elbo("iwae", num_particles=5)) is None
+        True
+        >>> fast_path_blocker(vae, vae.guide, make_elbo("vimco", num_particles=5))
+        'estimator VIMCOELBO (only reparam, analytic_kl, score_function, iwae and dreg have a fast path)'
     """
     from ..models.base import LatentVariableModel
     from ..models.vae import VAE
@@ -92,15 +103,16 @@ def fast_path_blocker(lvm: Any, guide: Callable, estimator: Any) -> Optional[str
         return f"{cls.__name__} has a model/guide of its own"
     if guide != lvm.guide:
         return "the guide is not the model's own"
-    if type(estimator) is ScoreFunctionELBO:
+    particles = type(estimator) in (IWAEELBO, DReGELBO)
+    if type(estimator) is ScoreFunctionELBO or particles:
         if _closed_form_family(lvm) is None:
-            return "score_function needs a Gaussian q(z | x) and p(z) = N(0, I) for its fast path (no flows)"
-        if estimator.baseline == "nvil":
+            return f"{estimator._name} needs a Gaussian q(z | x) and p(z) = N(0, I) for its fast path (no flows)"
+        if getattr(estimator, "baseline", None) == "nvil":
             return "the NVIL baseline"
     elif type(estimator) not in (ReparamELBO, AnalyticKLELBO):
-        return (f"estimator {type(estimator).__name__} (only reparam, analytic_kl and score_function "
+        return (f"estimator {type(estimator).__name__} (only reparam, analytic_kl, score_function, iwae and dreg "
                 "have a fast path)")
-    if estimator.num_particles != 1:
+    if estimator.num_particles != 1 and not particles:
         return f"num_particles={estimator.num_particles}"
     if getattr(estimator, "kl_control", None) is not None:
         return "kl_control"
@@ -142,6 +154,8 @@ class FastLoss:
         self.estimator = estimator
         self.analytic = isinstance(estimator, AnalyticKLELBO)
         self.score_function = isinstance(estimator, ScoreFunctionELBO)
+        self.particles = isinstance(estimator, IWAEELBO)  # IWAE, or DReG (its subclass)
+        self.dreg = isinstance(estimator, DReGELBO)
         self.closed_form = _closed_form_family(lvm)
         self.check_next = True
         self._calls = 0
@@ -163,6 +177,8 @@ class FastLoss:
         beta = float(self.estimator.beta)
         if self.score_function:
             return self._score_function_loss(x, beta)
+        if self.particles:
+            return self._particle_loss(x, beta)
         if self.closed_form is not None:
             return self._closed_form_loss(x, beta)
         with pyro.validation_enabled(False):
@@ -239,6 +255,43 @@ class FastLoss:
         baseline = local.new_zeros(()) if estimator.baseline == "none" else estimator._average("local", local.mean())
         surrogate = bound + ((local - baseline) * log_q).sum()
         return -surrogate + (surrogate - bound).detach()
+
+
+    def _particle_loss(self, x: torch.Tensor, beta: float) -> torch.Tensor:
+        r"""The IWAE bound's loss for :math:`K` particles (DReG's gradient for ``"dreg"``), summed over the batch.
+
+        The particles are drawn as Pyro's vectorized particle plate draws them: one
+        :math:`\epsilon` of shape ``(K, *loc.shape)``. The latent terms are written as in
+        :meth:`_closed_form_loss`; DReG evaluates :math:`\log q` at stopped
+        :math:`\mu, \sigma` (the path through :math:`z` only) and scales the gradient reaching
+        :math:`z_k` by :math:`\tilde w_k` (:class:`~pyro_lvm.estimators.iwae._ScaleGrad`, as
+        :class:`~pyro_lvm.estimators.DReGELBO` does).
+        """
+        lvm, k = self.lvm, self.estimator.num_particles
+        loc, scale = lvm.encode(x)
+        eps = torch.empty((k,) + loc.shape, dtype=loc.dtype, device=loc.device).normal_()
+        z = loc + eps * scale
+        dims = tuple(range(2, z.dim()))
+        holder: dict = {}
+        if self.dreg:
+            z = _ScaleGrad.apply(z, holder)
+            loc_stopped, scale_stopped = loc.detach(), scale.detach()
+            u = (z - loc_stopped) / scale_stopped
+            log_ratio = (0.5 * (u * u - z * z) + scale_stopped.log()).sum(dims)
+        else:
+            log_ratio = (0.5 * (eps * eps - z * z) + scale.log()).sum(dims)
+        h = lvm._decoder_output(z).reshape((k,) + x.shape)
+        target = x.expand_as(h)
+        if self.closed_form == "bernoulli":
+            log_lik = -binary_cross_entropy_with_logits(h, target, reduction="none")
+        else:
+            sigma = lvm.likelihood.scale
+            log_lik = -(0.5 * ((target - h) / sigma) ** 2 + sigma.log() + _HALF_LOG_2PI)
+        log_w = log_lik.reshape(k, len(x), -1).sum(-1) + beta * log_ratio
+        bound = (torch.logsumexp(log_w, 0) - math.log(k)).sum()
+        if self.dreg and bound.requires_grad:
+            holder["weight"] = torch.softmax(log_w.detach(), 0).reshape(log_w.shape + (1,) * len(dims))
+        return -bound
 
 
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
