@@ -81,17 +81,65 @@ def test_every_row_has_a_config_that_names_its_paper_number():
         assert str(abs(row.paper)) in text, row.name  # e.g. "86.76", "1323.2"
 
 
-def test_every_row_leaves_a_last_checkpoint_to_resume_from():
-    # Lightning writes last.ckpt at an epoch's end only alongside another checkpoint: with
-    # save_top_k 0 a long run would leave nothing to --resume from until it finished
+def _checkpoint_callbacks(row):
     import yaml
 
+    callbacks = yaml.safe_load(row.config.read_text())["trainer"]["callbacks"]
+    return [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
+
+
+def test_every_row_leaves_a_last_checkpoint_to_resume_from():
+    # Lightning writes last.ckpt at an epoch's end only alongside another checkpoint of the same
+    # callback: with save_top_k 0 a long run would leave nothing to --resume from, and with a
+    # monitor only the best epochs (a resumed flow would go back to its best epoch)
     run = _load("run")
     for row in run.ROWS.values():
-        callbacks = yaml.safe_load(row.config.read_text())["trainer"]["callbacks"]
-        checkpoints = [c.get("init_args", {}) for c in callbacks if c["class_path"].endswith("ModelCheckpoint")]
-        assert len(checkpoints) == 1, row.name
-        assert checkpoints[0].get("save_last") and checkpoints[0].get("save_top_k", 1) != 0, row.name
+        last = [c for c in _checkpoint_callbacks(row) if c.get("save_last")]
+        assert len(last) == 1, row.name
+        assert last[0].get("save_top_k", 1) != 0 and last[0].get("monitor") is None, row.name
+
+
+def test_flow_rows_resume_from_their_last_epoch_and_are_evaluated_at_their_best(tmp_path):
+    # the flow configs' two checkpoint callbacks in a real Lightning run whose validation
+    # log-likelihood peaks at the second of four epochs
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    run = _load("run")
+    row = run.ROWS["nice_mnist"]
+
+    class Peaked(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - batch[0]).pow(2).mean()
+
+        def validation_step(self, batch, batch_idx):
+            self.log("val/elbo", [1.0, 3.0, 2.0, 0.0][self.current_epoch])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["pyro_lvm"] = {}  # what pyro_lvm's safe loader looks for
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    callbacks = [ModelCheckpoint(dirpath=checkpoints, **c) for c in _checkpoint_callbacks(row)]
+    trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    trainer.fit(Peaked(), data, data)
+    from pyro_lvm.checkpoints import load_checkpoint
+
+    assert load_checkpoint(str(checkpoints / "last.ckpt"))["epoch"] == 3  # --resume goes on from the end
+    best = run.evaluated_checkpoint(row, tmp_path / "run")
+    assert best.name == "best-epoch0001.ckpt" and run._checkpoint_passes(best) == 2
+    # the binarized-MNIST rows, which run their schedule to the end, are evaluated on the last
+    assert run.evaluated_checkpoint(run.ROWS["burda_1layer_vae"], tmp_path / "run").name == "last.ckpt"
+    result = {"budget": {"passes": 4.0}, "checkpoint_passes": 2}
+    assert run._evaluated_at(row, result) == "; evaluated at pass 2, its best validation log-likelihood"
 
 
 @pytest.mark.skipif(not MNIST.is_dir(), reason=f"MNIST IDX files not available in {MNIST}")

@@ -268,7 +268,8 @@ def evaluate(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[
     """``pyro-lvm evaluate`` on the test split; the row's number in the paper's units."""
     folder = out / row.name
     output = folder / f"evaluate_test_k{args.num_particles}.json"
-    command = ["evaluate", "--ckpt", str(folder / "run" / "checkpoints" / "last.ckpt"), "--split", "test",
+    checkpoint = evaluated_checkpoint(row, folder / "run")
+    command = ["evaluate", "--ckpt", str(checkpoint), "--split", "test",
                "--num-particles", str(args.num_particles), "--seed", str(args.seed), "--output", str(output)]
     if args.limit is not None:  # a random subset: the test split's order is not random
         command += ["--limit", str(args.limit), "--subset", "random"]
@@ -288,7 +289,38 @@ def evaluate(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[
         ours = ll + DIM * math.log(256.0) - _mean_logit_log_det(row, data, numbers["num_points"], args.seed)
     return {"ours": ours, "stderr": float(numbers["log_likelihood_stderr"]), "bits_per_dim": numbers.get("bits_per_dim"),
             "num_particles": int(numbers.get("num_particles") or args.num_particles),
-            "num_points": int(numbers["num_points"]), "evaluate_s": round(seconds, 1)}
+            "num_points": int(numbers["num_points"]), "evaluate_s": round(seconds, 1),
+            "checkpoint": checkpoint.name, "checkpoint_passes": _checkpoint_passes(checkpoint)}
+
+
+def evaluated_checkpoint(row: Row, run: Path) -> Path:
+    """The checkpoint a row's number comes from: the last, or for the flows early stopping's model.
+
+    The flow rows train until their validation log-likelihood stops improving and, as their
+    papers do, are evaluated at the epoch where it was best: the file named by the monitoring
+    ``ModelCheckpoint``'s ``best_model_path`` in ``last.ckpt`` (looked up by name in ``run``'s
+    checkpoints, so a run folder copied from another machine works). A run without one is
+    evaluated on ``last.ckpt``, which a flow config from before the separate best checkpoint
+    wrote only at a new best.
+    """
+    from pyro_lvm.checkpoints import load_checkpoint
+
+    last = run / "checkpoints" / "last.ckpt"
+    if row.kind == "nll" or not last.is_file():
+        return last
+    for key, state in (load_checkpoint(str(last)).get("callbacks") or {}).items():
+        if key.startswith("ModelCheckpoint") and "val/elbo" in key and state.get("best_model_path"):
+            best = run / "checkpoints" / Path(state["best_model_path"]).name
+            if best.is_file():
+                return best
+    return last
+
+
+def _checkpoint_passes(path: Path) -> Optional[int]:
+    from pyro_lvm.checkpoints import load_checkpoint
+
+    epoch = load_checkpoint(str(path)).get("epoch")
+    return None if epoch is None else int(epoch) + 1
 
 
 def _mean_logit_log_det(row: Row, data: Path, num_points: int, seed: int) -> float:
@@ -325,6 +357,9 @@ def _status(row: Row, budget: dict[str, Any], quick: bool) -> str:
         # sessions after the first epoch past the minutes
         timed_out = sessions[-1].get("stopped_by_time", minutes is not None
                                      and sessions[-1].get("wall_clock_s", 0.0) >= 60 * minutes)
+        # a session the machine's restart cut short (its budget.json written by hand from its
+        # last checkpoint) did not converge either
+        timed_out = timed_out or sessions[-1].get("interrupted", False)
         if max_epochs is not None and passes >= max_epochs - 0.01:
             return f"stopped at the config's cap of {max_epochs} passes"
         if allowed is not None and budget.get("epochs", passes) < allowed and not timed_out:
@@ -347,8 +382,15 @@ def _cells(result: dict[str, Any]) -> list[str]:
         f"{budget['wall_clock_s'] / 60:.1f} min",
         budget["device"],
         str(budget["seed"]),
-        _status(row, budget, result["quick"]),
+        _status(row, budget, result["quick"]) + _evaluated_at(row, result),
     ]
+
+
+def _evaluated_at(row: Row, result: dict[str, Any]) -> str:
+    passes = result.get("checkpoint_passes")
+    if row.kind == "nll" or passes is None or abs(passes - result["budget"]["passes"]) < 0.01:
+        return ""
+    return f"; evaluated at pass {passes}, its best validation log-likelihood"
 
 
 HEADER = ["row", "paper", "ours", "ours - paper", "K / test points", "budget", "wall-clock", "device", "seed", "status"]
