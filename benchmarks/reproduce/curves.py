@@ -45,8 +45,8 @@ PANELS = {
 }
 
 
-def read_curve(run: Path) -> tuple[list[int], list[float]]:
-    """(passes, ``train/loss_epoch``) per epoch of a run, over its sessions' metrics files.
+def read_curve(run: Path, key: str = "train/loss_epoch") -> tuple[list[int], list[float]]:
+    """(passes, ``key``) per epoch of a run, over its sessions' metrics files.
 
     ``run.py`` moves a run's ``metrics.csv`` to ``metrics.sessionN.csv`` before resuming it
     (Lightning's CSV logger would overwrite it), so the curve reads them in order and then
@@ -59,7 +59,7 @@ def read_curve(run: Path) -> tuple[list[int], list[float]]:
             continue
         with path.open() as stream:
             for record in csv.DictReader(stream):
-                value = record.get("train/loss_epoch") or ""
+                value = record.get(key) or ""
                 if value:
                     by_epoch[int(record["epoch"]) + 1] = float(value)
     passes = sorted(by_epoch)
@@ -102,7 +102,7 @@ def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[S
     if not panels:
         raise SystemExit(f"no run with a metrics.csv under {', '.join(map(str, folders))}; "
                          "train rows with benchmarks/reproduce/run.py first")
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.2 * len(panels), 9.5), 4.6), squeeze=False)
     drawn = []
     for ax, (title, names) in zip(axes[0], panels.items()):
         flow = all(ROWS[n].kind != "nll" for n in names)
@@ -116,11 +116,17 @@ def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[S
                     values = [v / (DIM * math.log(2)) for v in values]
                 label = name if j == 0 else f"{name} ({folder.name})"
                 ax.plot(passes, values, color=color, lw=1.4, ls="-" if j == 0 else "--", label=label)
+                if flow:  # and its validation curve, which early stopping watches
+                    val_passes, val_bits = read_curve(folder / name / "run", "val/bits_per_dim")
+                    ax.plot(val_passes, val_bits, color=color, lw=0.9, ls="-." if j == 0 else ":",
+                            label=f"{label}, validation")
                 result_path = folder / name / "result.json"
                 if result_path.is_file():
                     result = json.loads(result_path.read_text())
                     ours = result["bits_per_dim"] if flow else result["ours"]
-                    ax.plot([passes[-1]], [ours], "o" if j == 0 else "s", color=color, ms=6, mfc="none" if j else color)
+                    # at the checkpoint evaluated (a flow's best validation epoch), else the run's end
+                    at = result.get("checkpoint_passes") or passes[-1]
+                    ax.plot([at], [ours], "o" if j == 0 else "s", color=color, ms=6, mfc="none" if j else color)
                     if flow and j == 0:  # the paper's number, dotted: its budget is set by early stopping
                         ax.axhline(paper_bits_per_dim(result), color=color, ls=":", lw=1.2)
             drawn.append(name)
@@ -129,11 +135,13 @@ def plot_curves(out: Union[Path, Sequence[Path]], figure: Path, rows: Optional[S
                 ax.plot([budget], [row.paper], "*", color=color, ms=11, mec="k", mew=0.5)
         ax.set_xscale("log")
         ax.set_xlabel("passes over the training set")
-        ax.set_ylabel("training objective, bits/dim" if flow else "training objective (-bound), nats per image")
+        ax.set_ylabel("negative log-likelihood, bits/dim" if flow else "training objective (-bound), nats per image")
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7, loc="upper right")
-    fig.suptitle("lines: each row's training objective per epoch;  o: our test number at the end of the run;  "
+    gap = "\n" if len(panels) < 3 else "  "  # one or two panels are too narrow for one line
+    fig.suptitle("lines: each row's training objective per epoch (flows, dash-dot: validation);" + gap
+                 + "o: our test number at the checkpoint evaluated;  "
                  "*: the paper's number at its budget (flows, dotted: the paper's number)", fontsize=9)
     fig.tight_layout()
     figure.parent.mkdir(parents=True, exist_ok=True)
