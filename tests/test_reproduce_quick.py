@@ -109,15 +109,16 @@ def test_flow_rows_resume_from_their_last_epoch_and_are_evaluated_at_their_best(
     row = run.ROWS["nice_mnist"]
 
     class Peaked(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.w = torch.nn.Parameter(torch.zeros(1))
-
         def training_step(self, batch, batch_idx):
             return (self.w - batch[0]).pow(2).mean()
 
+        def __init__(self, curve):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+            self.curve = curve
+
         def validation_step(self, batch, batch_idx):
-            self.log("val/elbo", [1.0, 3.0, 2.0, 0.0][self.current_epoch])
+            self.log("val/elbo", self.curve[self.current_epoch])
 
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
@@ -125,19 +126,21 @@ def test_flow_rows_resume_from_their_last_epoch_and_are_evaluated_at_their_best(
         def on_save_checkpoint(self, checkpoint):
             checkpoint["pyro_lvm"] = {}  # what pyro_lvm's safe loader looks for
 
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
-    checkpoints = tmp_path / "run" / "checkpoints"
-    callbacks = [ModelCheckpoint(dirpath=checkpoints, **c) for c in _checkpoint_callbacks(row)]
-    trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu")
-    trainer.fit(Peaked(), data, data)
     from pyro_lvm.checkpoints import load_checkpoint
 
-    assert load_checkpoint(str(checkpoints / "last.ckpt"))["epoch"] == 3  # --resume goes on from the end
-    best = run.evaluated_checkpoint(row, tmp_path / "run")
-    assert best.name == "best-epoch0001.ckpt" and run._checkpoint_passes(best) == 2
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 1)), batch_size=2)
+    for curve, best_epoch in (([1.0, 3.0, 2.0, 0.0], 1), ([1.0, 3.0, 2.0, 4.0], 3)):
+        checkpoints = tmp_path / f"peak{best_epoch}" / "run" / "checkpoints"
+        callbacks = [ModelCheckpoint(dirpath=checkpoints, **c) for c in _checkpoint_callbacks(row)]
+        trainer = pl.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, accelerator="cpu")
+        trainer.fit(Peaked(curve), data, data)
+        assert load_checkpoint(str(checkpoints / "last.ckpt"))["epoch"] == 3  # --resume goes on from the end
+        best = run.evaluated_checkpoint(row, checkpoints.parent)
+        assert best.name == f"best-epoch{best_epoch:04d}.ckpt" and run._checkpoint_passes(best) == best_epoch + 1
+        assert sorted(p.name for p in checkpoints.glob("best-*")) == [best.name]  # the best only
     # the binarized-MNIST rows, which run their schedule to the end, are evaluated on the last
-    assert run.evaluated_checkpoint(run.ROWS["burda_1layer_vae"], tmp_path / "run").name == "last.ckpt"
+    assert run.evaluated_checkpoint(run.ROWS["burda_1layer_vae"], checkpoints.parent).name == "last.ckpt"
     result = {"budget": {"passes": 4.0}, "checkpoint_passes": 2}
     assert run._evaluated_at(row, result) == "; evaluated at pass 2, its best validation log-likelihood"
 

@@ -313,7 +313,10 @@ def evaluated_checkpoint(row: Row, run: Path) -> Path:
             best = run / "checkpoints" / Path(state["best_model_path"]).name
             if best.is_file():
                 return best
-    return last
+    # a last.ckpt written before the monitoring callback ran in its epoch names the best before
+    # it, which a new best replaced: the one best file left is the newest
+    found = sorted((run / "checkpoints").glob("best-epoch*.ckpt"))
+    return found[-1] if found else last
 
 
 def _checkpoint_passes(path: Path) -> Optional[int]:
