@@ -100,8 +100,8 @@ def test_every_row_leaves_a_last_checkpoint_to_resume_from():
 
 
 def test_flow_rows_resume_from_their_last_epoch_and_are_evaluated_at_their_best(tmp_path):
-    # the flow configs' two checkpoint callbacks in a real Lightning run whose validation
-    # log-likelihood peaks at the second of four epochs
+    # the flow configs' two checkpoint callbacks in real Lightning runs whose validation
+    # log-likelihood peaks at the second of four epochs, and at the last
     import pytorch_lightning as pl
     from pytorch_lightning.callbacks import ModelCheckpoint
 
@@ -109,13 +109,13 @@ def test_flow_rows_resume_from_their_last_epoch_and_are_evaluated_at_their_best(
     row = run.ROWS["nice_mnist"]
 
     class Peaked(pl.LightningModule):
-        def training_step(self, batch, batch_idx):
-            return (self.w - batch[0]).pow(2).mean()
-
         def __init__(self, curve):
             super().__init__()
             self.w = torch.nn.Parameter(torch.zeros(1))
             self.curve = curve
+
+        def training_step(self, batch, batch_idx):
+            return (self.w - batch[0]).pow(2).mean()
 
         def validation_step(self, batch, batch_idx):
             self.log("val/elbo", self.curve[self.current_epoch])

@@ -297,25 +297,13 @@ def evaluated_checkpoint(row: Row, run: Path) -> Path:
     """The checkpoint a row's number comes from: the last, or for the flows early stopping's model.
 
     The flow rows train until their validation log-likelihood stops improving and, as their
-    papers do, are evaluated at the epoch where it was best: the file named by the monitoring
-    ``ModelCheckpoint``'s ``best_model_path`` in ``last.ckpt`` (looked up by name in ``run``'s
-    checkpoints, so a run folder copied from another machine works). A run without one is
-    evaluated on ``last.ckpt``, which a flow config from before the separate best checkpoint
-    wrote only at a new best.
+    papers do, are evaluated at the epoch where it was best: the one ``best-epochNNNN.ckpt``
+    their monitoring ``ModelCheckpoint`` (``save_top_k: 1``) keeps. A flow run from before
+    that file existed is evaluated on ``last.ckpt``, which its config then wrote only at a new
+    best.
     """
-    from pyro_lvm.checkpoints import load_checkpoint
-
     last = run / "checkpoints" / "last.ckpt"
-    if row.kind == "nll" or not last.is_file():
-        return last
-    for key, state in (load_checkpoint(str(last)).get("callbacks") or {}).items():
-        if key.startswith("ModelCheckpoint") and "val/elbo" in key and state.get("best_model_path"):
-            best = run / "checkpoints" / Path(state["best_model_path"]).name
-            if best.is_file():
-                return best
-    # a last.ckpt written before the monitoring callback ran in its epoch names the best before
-    # it, which a new best replaced: the one best file left is the newest
-    found = sorted((run / "checkpoints").glob("best-epoch*.ckpt"))
+    found = sorted((run / "checkpoints").glob("best-epoch*.ckpt")) if row.kind != "nll" else []
     return found[-1] if found else last
 
 
