@@ -6,7 +6,7 @@ and train with :func:`fit` or ``pyro-lvm fit``.
 """
 
 from . import (
-    data, diagnostics, estimators, evaluation, flows, guides, likelihoods, monitoring, nets, plots,
+    data, diagnostics, estimators, evaluation, flows, guides, likelihoods, monitoring, nets, pairs, plots,
     posterior_checks, schedules,
 )
 from .estimators import make_elbo
@@ -49,6 +49,7 @@ __all__ = [
     "likelihoods",
     "monitoring",
     "nets",
+    "pairs",
     "plots",
     "posterior_checks",
     "schedules",

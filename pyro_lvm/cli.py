@@ -601,11 +601,11 @@ def _run_dir(ckpt: str) -> Path:
 
 def _pair(module: torch.nn.Module) -> tuple[Callable, Callable, Any]:
     """The model, the guide and the parameter scope to run them in, for a built-in model or an LVMModule."""
-    from .training import _accepting
+    from .pairs import accepting, call_keys
 
-    if isinstance(module, LVMModule):
-        return module.objective.model, module.objective.guide, module._scope()
-    return _accepting(module.model), _accepting(module.guide), contextlib.nullcontext()
+    if isinstance(module, LVMModule):  # its model and guide run in its parameter store, keys renamed
+        return module.model, module.guide, contextlib.nullcontext()
+    return accepting(module.model), accepting(module.guide, call_keys(module.guide, module.model)), contextlib.nullcontext()
 
 
 def _kwargs(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -718,10 +718,10 @@ def _has_latents(guide: Callable, x: torch.Tensor, kwargs: dict) -> bool:
     """Whether the guide draws any latent sample site for the first data point."""
     from pyro import poutine
 
-    from .evaluation import _batch_kwargs
+    from .pairs import rows
 
     with torch.no_grad(), poutine.block():
-        trace = poutine.trace(guide).get_trace(x[:1], **_batch_kwargs(kwargs, 0, 1, len(x)))
+        trace = poutine.trace(guide).get_trace(x[:1], **rows(kwargs, slice(0, 1), len(x)))
     return any(site["type"] == "sample" and not site["is_observed"] for site in trace.nodes.values())
 
 
@@ -733,15 +733,21 @@ def _evaluation_table(n: dict[str, Any]) -> str:
                  f"  bits/dim               {n['bits_per_dim']:.4f}"]
         return "\n".join(rows)
     mi = n["mutual_information"]
+    if n["log_likelihood"] is None:  # global latents: log p(x) is one integral over the whole data set
+        rows += ["  log-likelihood         n/a: the model has global latents (sites outside the data plate), so "
+                 "log p(x) does not split into one term per data point; the ELBO counts their terms once"]
+    else:
+        rows += [
+            f"  log-likelihood         {n['log_likelihood']:.3f} ± {n['log_likelihood_stderr']:.3f} nats per data point "
+            f"(IWAE, K={n['num_particles']}; ± standard error across data points)",
+            f"  bits/dim               {n['bits_per_dim']:.4f}",
+        ]
     rows += [
-        f"  log-likelihood         {n['log_likelihood']:.3f} ± {n['log_likelihood_stderr']:.3f} nats per data point "
-        f"(IWAE, K={n['num_particles']}; ± standard error across data points)",
-        f"  bits/dim               {n['bits_per_dim']:.4f}",
         f"  ELBO                   {n['elbo']:.3f}",
         f"  reconstruction         {n['reconstruction']:.3f}",
         f"  KL                     {n['kl']:.3f}",
         f"  active units           {n['active_units']} of {n['num_units']}",
-        f"  I(x; z)                {'n/a (several latent sites)' if mi is None else f'{mi:.3f} nats'}",
+        f"  I(x; z)                {'n/a (several latent sites, or no density of q per site)' if mi is None else f'{mi:.3f} nats'}",
     ]
     return "\n".join(rows)
 
@@ -814,7 +820,10 @@ def diagnose_main(args: list[str]) -> Path:
                       "there is no approximate posterior to diagnose (no k-hat, amortization gap, SBC or NUTS). "
                       "Use `pyro-lvm evaluate` for its log-likelihood and bits/dim.", ""]
             return _write_report(out, lines)
-        lines += _khat_section(posterior_checks, model, guide, x, kwargs, options, out)
+        try:
+            lines += _khat_section(posterior_checks, model, guide, x, kwargs, options, out)
+        except ValueError as err:  # e.g. global latents: no importance weights per input
+            lines += ["## Pareto k-hat of the importance weights", "", f"Not run for this model: {err}", ""]
         lines += _kl_section(model, guide, x, kwargs, options, out)
         lines += _optional_sections(posterior_checks, model, guide, x, kwargs, options, out)
     return _write_report(out, lines)

@@ -19,12 +19,16 @@ from typing import Any, Callable, Iterator, Optional, Union
 import pyro
 import torch
 from pyro import poutine
+from pyro.poutine.util import site_is_subsample
 
-from .estimators.base import latent_sites
 from .estimators.particles import LogWeights, ParticleELBO
 from .likelihoods import compiled_log_prob
 from .models.flow import FlowModel
 from .monitoring import LatentMonitor, latent_statistics
+from .pairs import (
+    data_frames, drawn_sites, enumerated_elbo_parts, enumerated_sites, is_local, latent_sites, resolve, rows,
+    site_distribution,
+)
 
 __all__ = ["LogLikelihood", "Evaluation", "log_likelihood", "evaluate"]
 
@@ -33,43 +37,114 @@ __all__ = ["LogLikelihood", "Evaluation", "log_likelihood", "evaluate"]
 _COMPILE_WORK = 1e9
 
 
-class _ImportanceWeights(ParticleELBO):
-    """The particle machinery of the multi-sample bounds, used for its log weights only."""
+@dataclass
+class ParticleDraws:
+    r"""What :meth:`ImportanceWeights.run` reads off ``K`` particles of the pair on one batch.
 
-    def run(self, model: Callable, guide: Callable, args, kwargs) -> tuple[LogWeights, Any, Any]:
-        """One vectorized run of ``num_particles`` particles: the log weights and both traces."""
-        _, model_trace, guide_trace = self._traces(model, guide, args, kwargs)
-        # memoized in the traces: a second log_weights (the reconstruction term) reuses them
-        model_trace.compute_log_prob()
-        guide_trace.compute_log_prob()
-        return self.log_weights(model_trace, guide_trace), model_trace, guide_trace
+    Arguments:
+        weights: the log importance weights (:class:`~pyro_lvm.estimators.LogWeights`).
+        reconstruction: the same with every latent term zeroed: :math:`\log p(x \mid z)`.
+        latents: per latent site, the draws, ``(K, B, D)`` for a site in the data plate (its
+            dims right of the data plate flattened) and ``(K, D)`` for a global one.
+    """
+
+    weights: LogWeights
+    reconstruction: Optional[LogWeights] = None
+    latents: Optional[dict] = None
+
+
+class ImportanceWeights(ParticleELBO):
+    """The particle machinery of the multi-sample bounds, used to read log weights and draws.
+
+    Its particles run vectorized or one at a time as :class:`~pyro_lvm.estimators.particles.ParticleELBO`
+    decides (``vectorize_particles``), the decision made on the first batch by :meth:`prepare`.
+    """
+
+    per_point = True  # refuse global sites (the weights would not factorize over data points)
+
+    def prepare(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> None:
+        """Size the plates and decide how the particles run, on a first batch (once)."""
+        if self.vectorization is None:
+            self.check(model, guide, *args, **kwargs)
+
+    def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
+        if self.per_point:
+            sites = [s for t in (model_trace, guide_trace) for s in t.nodes.values()
+                     if s["type"] == "sample" and not site_is_subsample(s) and not s["infer"].get("_deterministic")]
+            frames = data_frames(sites, self.data_plate)
+            outside = sorted({s["name"] for s in sites if not is_local(s, frames)})
+            if outside:
+                raise ValueError(f"Sites {outside} are outside the data plate. " + _GLOBAL_MESSAGE)
+        summed = enumerated_sites(model_trace, guide_trace)
+        if summed:  # importance weights need a q for every latent
+            raise ValueError(
+                f"The model sums {summed} out by enumeration and the guide does not draw them, so there are no "
+                "importance weights p(x, z) / q(z | x) to draw; use evaluate(...).elbo, which sums them out with "
+                "TraceEnum_ELBO as training did."
+            )
+
+    def run(self, model: Callable, guide: Callable, args, kwargs, reconstruction: bool = False,
+            latents: bool = False) -> ParticleDraws:
+        """All ``num_particles`` particles on one batch: the log weights, and on request the
+        reconstruction terms and the draws."""
+        n = args[0].shape[0] if args and isinstance(args[0], torch.Tensor) and args[0].dim() else 1
+
+        def read(model_trace, guide_trace) -> ParticleDraws:
+            # memoized in the traces: a second log_weights (the reconstruction term) reuses them
+            model_trace.compute_log_prob()
+            guide_trace.compute_log_prob()
+            draws = ParticleDraws(self.log_weights(model_trace, guide_trace))
+            if reconstruction:
+                zeros = {}
+                for trace, sites in ((model_trace, latent_sites(model_trace)), (guide_trace, drawn_sites(guide_trace))):
+                    for name, site in sites.items():
+                        zeros[name] = site["value"].new_zeros(site["fn"].batch_shape)
+                draws.reconstruction = self.log_weights(model_trace, guide_trace, guide_log_probs=zeros,
+                                                        model_log_probs=zeros)
+            if latents:
+                frames = draws.weights.data_dims
+                draws.latents = {}
+                size = self._plate_size or 1
+                for name, site in latent_sites(guide_trace).items():
+                    local = any(f.dim in frames and f.vectorized for f in site["cond_indep_stack"])
+                    value = site["value"].detach()
+                    draws.latents[name] = value.reshape((size, n, -1) if local else (size, -1))
+            return draws
+
+        runs = self._runs(model, guide, args, kwargs, read)
+        first = runs[0]
+        out = ParticleDraws(LogWeights.cat([r.weights for r in runs]))
+        if first.reconstruction is not None:
+            out.reconstruction = LogWeights.cat([r.reconstruction for r in runs])
+        if first.latents is not None:
+            out.latents = {name: torch.cat([r.latents[name] for r in runs]) for name in first.latents}
+        return out
 
 
 def _per_point(weights: LogWeights, tensor: torch.Tensor) -> torch.Tensor:
     """A ``joint()``-shaped tensor as ``(K, B)``: particles by data points."""
     if not weights.factorizes:
-        raise ValueError(
-            "The pair has sample sites outside pyro.plate('data') (global latents or "
-            "observations), so its importance weights do not factorize into one log p(x_i) "
-            "per data point. Put every local site in pyro.plate('data'), or pass the name of "
-            "the pair's data plate as data_plate=..."
-        )
+        raise ValueError(_GLOBAL_MESSAGE)
     return tensor.reshape(tensor.shape[0], -1)
 
 
-def _resolve_pair(model: Any, guide: Any, x: Any) -> tuple[Callable, Callable, torch.Tensor]:
-    """Accept ``(model, guide, x)``, ``(module, x)`` or ``(module, None, x)``."""
+_GLOBAL_MESSAGE = (
+    "The pair has sample sites outside its data plate (pyro.plate('data'), or data_plate=...): global "
+    "latents or observations, so its importance weights do not factorize into one log p(x_i) per data "
+    "point (log p(x) is one integral over the whole data set). Per data point, condition the model on "
+    "the global latents, e.g. pyro.condition(model, data=autoguide.median()), or use evaluate(...).elbo, "
+    "which counts the global terms once. (If the sites are local, put them in the data plate, or pass "
+    "its name as data_plate=...)"
+)
+
+
+def resolve_with_data(model: Any, guide: Any, x: Any, who: str = "log_likelihood") -> tuple[Callable, Callable, torch.Tensor]:
+    """Accept ``(model, guide, x)``, ``(module, x)`` or ``(module, None, x)``: the model, the guide and the data."""
     if isinstance(guide, torch.Tensor) and x is None:
         guide, x = None, guide
     if x is None:
-        raise ValueError("No data given: call log_likelihood(model, guide, x) or log_likelihood(module, x).")
-    if guide is None:
-        if not (hasattr(model, "model") and hasattr(model, "guide")):
-            raise ValueError(
-                f"Without a guide, the first argument must be a module with model and guide "
-                f"methods (such as pyro_lvm.VAE); got {type(model).__name__}. Pass the guide too."
-            )
-        return model.model, model.guide, x
+        raise ValueError(f"No data given: call {who}(model, guide, x) or {who}(module, x).")
+    model, guide = resolve(model, guide, who)
     return model, guide, x
 
 
@@ -130,91 +205,118 @@ def _progress(iterable, enabled: bool, desc: str, total: Optional[int] = None):
     return tqdm(iterable, desc=desc, total=total)
 
 
-def _batch_kwargs(kwargs: dict, start: int, stop: int, n: int) -> dict:
-    """Slice the tensors among ``kwargs`` that have one row per data point (e.g. a CVAE's ``y``)."""
-    return {
-        key: value[start:stop] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
-        for key, value in kwargs.items()
-    }
-
-
 def _chunks(num_particles: int, chunk_size: int) -> Iterator[int]:
     full, rest = divmod(num_particles, chunk_size)
     yield from [chunk_size] * full + ([rest] if rest else [])
 
 
-def _runs(
+def particle_chunks(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int,
-    batch_size: int, data_plate: str, kwargs: dict,
-) -> Iterator[tuple[int, Iterator[tuple]]]:
-    """Per batch of data points, its size and an iterator over its chunks of particles, each
-    ``(runner, weights, model_trace, guide_trace)`` (``runner.num_particles`` is the chunk's size)."""
-    runner = _ImportanceWeights(num_particles=min(chunk_size, num_particles), data_plate=data_plate)
+    batch_size: int, data_plate: str, kwargs: dict, vectorize_particles: Optional[bool] = None,
+    reconstruction: bool = False, latents: bool = False, per_point: bool = True,
+) -> Iterator[tuple[int, Iterator[ParticleDraws]]]:
+    """Per batch of data points, its size and an iterator over its chunks of particles (:class:`ParticleDraws`).
 
-    def chunks(xb: torch.Tensor, kw: dict) -> Iterator[tuple]:
+    The particles run vectorized or one at a time (``vectorize_particles``; ``None`` decides on the
+    first batch). ``per_point`` refuses, on the first chunk, a pair whose weights do not factorize
+    over data points (global latents), before any further work.
+    """
+    runner = ImportanceWeights(num_particles=min(chunk_size, num_particles), data_plate=data_plate,
+                               vectorize_particles=vectorize_particles)
+    runner.per_point = per_point
+
+    def chunks(xb: torch.Tensor, kw: dict) -> Iterator[ParticleDraws]:
         for i, size in enumerate(_chunks(num_particles, chunk_size)):
             runner.num_particles = size
             # Pyro's argument and support checks run on a batch's first chunk only: the
             # later ones see the same data (they cost about 8% of a MNIST run's time)
             with pyro.validation_enabled(False) if i else contextlib.nullcontext():
-                out = runner.run(model, guide, (xb,), kw)
-            yield (runner, *out)
+                draws = runner.run(model, guide, (xb,), kw, reconstruction=reconstruction, latents=latents)
+            if per_point and not draws.weights.factorizes:
+                raise ValueError(_GLOBAL_MESSAGE)
+            yield draws
 
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
-        yield len(xb), chunks(xb, _batch_kwargs(kwargs, start, start + batch_size, len(x)))
+        kw = rows(kwargs, slice(start, start + batch_size), len(x))
+        if start == 0:
+            runner.num_particles = min(chunk_size, num_particles)
+            runner.prepare(model, guide, (xb,), kw)
+        yield len(xb), chunks(xb, kw)
 
 
 def _stream(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int,
     batch_size: int, progress: bool, data_plate: str, kwargs: dict, reconstruction: bool = False,
+    vectorize_particles: Optional[bool] = None, per_point: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Per data point, running sums over all particles: ``lse`` (log sum w), ``lse2``
-    (log sum w^2), ``sum``/``sum2`` (of log w - shift), ``shift`` and ``recon`` (sum of log p(x | z))."""
-    out: dict[str, list] = {"lse": [], "lse2": [], "sum": [], "sum2": [], "shift": [], "recon": []}
+    """Running sums over all particles.
+
+    Per data point: ``lse`` (log sum w), ``lse2`` (log sum w^2), ``sum``/``sum2`` (of log w - shift),
+    ``shift`` and ``recon`` (sum of log p(x | z)). For a pair with global latents (``per_point=False``;
+    weights that do not factorize) instead, per batch: ``elbo_local``/``recon_local`` (the data points'
+    terms summed over the batch, averaged over the particles) and ``elbo_global``/``recon_global``
+    (the global terms, averaged over the particles).
+    """
+    out: dict[str, list] = {}
     total = -(-len(x) // batch_size) * -(-num_particles // chunk_size)
     bar = _progress(None, progress, "log p(x)", total=total) if progress else None
-    for _, runs in _runs(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs):
+    for _, runs in particle_chunks(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs,
+                                   vectorize_particles, reconstruction=reconstruction, per_point=per_point):
         acc: Optional[dict[str, torch.Tensor]] = None
-        for runner, weights, model_trace, guide_trace in runs:
-            log_w = _per_point(weights, weights.joint()).double()
-            # moments of log w about a per-point shift: no cancellation when log w barely varies
-            shift = log_w[0] if acc is None else acc["shift"]
-            centred = log_w - shift
-            terms = {
-                "lse": torch.logsumexp(log_w, 0),
-                "lse2": torch.logsumexp(2 * log_w, 0),
-                "sum": centred.sum(0),
-                "sum2": (centred * centred).sum(0),
-                "shift": shift,
-            }
-            if reconstruction:
-                terms["recon"] = _reconstruction(runner, weights, model_trace, guide_trace).sum(0)
+        for draws in runs:
+            weights = draws.weights
+            if weights.factorizes:
+                terms = _point_terms(weights, draws.reconstruction, None if acc is None else acc["shift"])
+            else:
+                terms = _batch_terms(weights, draws.reconstruction)
             if acc is None:
                 acc = terms
             else:
                 for key in ("lse", "lse2"):
-                    acc[key] = torch.logaddexp(acc[key], terms[key])
+                    if key in terms:
+                        acc[key] = torch.logaddexp(acc[key], terms[key])
                 for key in terms.keys() - {"lse", "lse2", "shift"}:
                     acc[key] = acc[key] + terms[key]
             if bar is not None:
                 bar.update()
         assert acc is not None
         for key, value in acc.items():
-            out[key].append(value)
+            out.setdefault(key, []).append(value.reshape(-1))
     if bar is not None:
         bar.close()
     return {key: torch.cat(values) for key, values in out.items() if values}
 
 
-def _reconstruction(runner: _ImportanceWeights, weights: LogWeights, model_trace, guide_trace) -> torch.Tensor:
-    """``log p(x | z)`` per particle and data point: the log weights with every latent term zeroed."""
-    zeros = {}
-    for trace in (model_trace, guide_trace):
-        for name, site in latent_sites(trace).items():
-            zeros[name] = site["value"].new_zeros(site["fn"].batch_shape)
-    recon = runner.log_weights(model_trace, guide_trace, guide_log_probs=zeros, model_log_probs=zeros)
-    return _per_point(recon, recon.joint()).double()
+def _point_terms(weights: LogWeights, recon: Optional[LogWeights], shift: Optional[torch.Tensor]) -> dict:
+    log_w = _per_point(weights, weights.joint()).double()
+    # moments of log w about a per-point shift: no cancellation when log w barely varies
+    shift = log_w[0] if shift is None else shift
+    centred = log_w - shift
+    terms = {
+        "lse": torch.logsumexp(log_w, 0),
+        "lse2": torch.logsumexp(2 * log_w, 0),
+        "sum": centred.sum(0),
+        "sum2": (centred * centred).sum(0),
+        "shift": shift,
+    }
+    if recon is not None:
+        terms["recon"] = _per_point(recon, recon.joint()).double().sum(0)
+    return terms
+
+
+def _batch_terms(weights: LogWeights, recon: Optional[LogWeights]) -> dict:
+    """A chunk's sums over particles of the batch's local terms and of its global terms."""
+    pd = weights.particle_dim
+
+    def split(w: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        local = w.local.double().sum([d for d in range(-w.local.dim(), 0) if d != pd])
+        return local.sum(), w.other.double().sum()
+
+    terms = dict(zip(("elbo_local", "elbo_global"), split(weights)))
+    if recon is not None:
+        terms.update(zip(("recon_local", "recon_global"), split(recon)))
+    return terms
 
 
 @torch.no_grad()
@@ -228,6 +330,7 @@ def log_likelihood(
     progress: bool = False,
     data_plate: str = "data",
     compile: Union[bool, str] = "auto",
+    vectorize_particles: Optional[bool] = None,
     **kwargs,
 ) -> LogLikelihood:
     r"""Importance-sampled :math:`\log p(x_i)` of each data point (the IWAE estimate).
@@ -290,8 +393,14 @@ def log_likelihood(
             (see :func:`pyro_lvm.likelihoods.compiled_log_prob`): ``True`` (an error if it
             cannot be built), ``False``, or ``"auto"``: only when ``K`` times the data's
             number of elements reaches ``1e9``, falling back to the eager kernel if compilation fails.
+        vectorize_particles: ``True``: each chunk of particles in one pass; ``False``: one pass per
+            particle, for a model written for exactly the batch's shape (boolean indexing); ``None``:
+            decided on the first batch (see :func:`pyro_lvm.pairs.check_vectorization`).
         kwargs: passed to ``model`` and ``guide``; a tensor with one row per data point
             (such as a conditional VAE's ``y``) is batched along with ``x``.
+
+    A pair with global latents (sites outside the data plate) has no per-point
+    :math:`\log p(x_i)`; it is refused on the first chunk, with what to do instead.
 
     Example:
         >>> import pyro, pyro.distributions as dist
@@ -313,12 +422,13 @@ def log_likelihood(
         if x is None:
             raise ValueError("No data given: call log_likelihood(flow, x).")
         return _flow_log_likelihood(model, x, batch_size, progress)
-    model, guide, x = _resolve_pair(model, guide, x)
+    model, guide, x = resolve_with_data(model, guide, x)
     for name, value in (("num_particles", num_particles), ("chunk_size", chunk_size), ("batch_size", batch_size)):
         if value < 1:
             raise ValueError(f"{name} must be a positive integer; got {value}.")
     with _kernels(compile, num_particles, x):
-        sums = _stream(model, guide, x, num_particles, chunk_size, batch_size, progress, data_plate, kwargs)
+        sums = _stream(model, guide, x, num_particles, chunk_size, batch_size, progress, data_plate, kwargs,
+                       vectorize_particles=vectorize_particles)
     return _from_sums(sums, num_particles)
 
 
@@ -348,10 +458,13 @@ class Evaluation:
     r"""The result of :func:`evaluate` (per-data-point means, in nats unless stated).
 
     Arguments:
-        log_likelihood: the mean importance-sampled :math:`\log p(x)`.
-        log_likelihood_stderr: its standard error across data points.
+        log_likelihood: the mean importance-sampled :math:`\log p(x)`; ``None`` for a pair with
+            global latents, whose :math:`\log p(x)` does not split into one term per data point.
+        log_likelihood_stderr: its standard error across data points (``None`` likewise).
         bits_per_dim: :math:`-\log p(x) / (D \log 2)` with ``D`` the number of scalars of a data point.
-        elbo: the mean ELBO (from the same particles: the mean of the log weights).
+        elbo: the mean ELBO (from the same particles: the mean of the log weights). With global
+            latents, :math:`\big(\sum_i \mathrm{local}_i + \mathrm{global}\big) / N`: their terms
+            counted once for the data set, so the value does not depend on ``batch_size``.
         reconstruction: :math:`\mathbb E_q[\log p(x \mid z)]`.
         kl: :math:`\mathbb E_q[\log q(z \mid x) - \log p(z)]` (``elbo = reconstruction - kl``).
         kl_per_dim: per latent site, :math:`\mathbb E_x \mathrm{KL}(q(z_d \mid x) \| p(z_d))`
@@ -365,9 +478,9 @@ class Evaluation:
         result: the full :class:`LogLikelihood` (per-point values).
     """
 
-    log_likelihood: float
-    log_likelihood_stderr: float
-    bits_per_dim: float
+    log_likelihood: Optional[float]
+    log_likelihood_stderr: Optional[float]
+    bits_per_dim: Optional[float]
     elbo: float
     reconstruction: float
     kl: float
@@ -408,11 +521,26 @@ def _guide_runs(guide: Callable, x: torch.Tensor, batch_size: int, kwargs: dict,
     """One unvectorized run of the guide (and the model replayed) per batch."""
     for start in range(0, len(x), batch_size):
         xb = x[start:start + batch_size]
-        kw = _batch_kwargs(kwargs, start, start + batch_size, len(x))
+        kw = rows(kwargs, slice(start, start + batch_size), len(x))
         with poutine.block():
             guide_trace = poutine.trace(guide).get_trace(xb, **kw)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(xb, **kw)
         yield model_trace, guide_trace
+
+
+def _enumerated_elbo(model: Callable, guide: Callable, x: torch.Tensor, batch_size: int, data_plate: str,
+                     kwargs: dict) -> float:
+    """The ELBO per data point of a pair whose model enumerates sites: TraceEnum_ELBO at one draw of the
+    guide per batch, global terms counted once (:func:`pyro_lvm.pairs.enumerated_elbo_parts`)."""
+    from pyro.infer import TraceEnum_ELBO
+
+    elbo, local, shared = TraceEnum_ELBO(), [], []
+    for start in range(0, len(x), batch_size):
+        parts = enumerated_elbo_parts(model, guide, (x[start:start + batch_size],),
+                                      rows(kwargs, slice(start, start + batch_size), len(x)), data_plate, elbo)
+        local.append(float(parts["elbo"]))
+        shared.append(float(parts["global_elbo"]))
+    return (sum(local) + sum(shared) / len(shared)) / len(x)
 
 
 def _mutual_information(dists: list, values: list, row_batch: int = 256) -> float:
@@ -457,6 +585,7 @@ def evaluate(
     data_plate: str = "data",
     activity_threshold: float = 0.01,
     compile: Union[bool, str] = "auto",
+    vectorize_particles: Optional[bool] = None,
     **kwargs,
 ) -> Evaluation:
     r"""Evaluate a model/guide pair on held-out data: log-likelihood, bits/dim, ELBO, KL, collapse, :math:`I(x; z)`.
@@ -509,7 +638,15 @@ def evaluate(
         data_plate: the name of the pair's plate of independent data points.
         activity_threshold: a unit is active when its posterior mean's variance across data exceeds it.
         compile: the fused Bernoulli kernel, as in :func:`log_likelihood`.
+        vectorize_particles: as in :func:`log_likelihood`.
         kwargs: passed to ``model`` and ``guide``; a tensor with one row per data point is batched with the data.
+
+    A pair with global latents (a factor model's weights under an autoguide) gets the ELBO and
+    its terms with the global terms counted once (independent of ``batch_size``), the KL per
+    dimension of its local latents, and no log-likelihood (``None``; see :func:`log_likelihood`).
+    A pair whose model sums sites out by enumeration (a mixture's assignment; trained with
+    ``"enum"``) gets that ELBO (:class:`~pyro.infer.TraceEnum_ELBO` at one draw of the guide per
+    batch), no separate ``reconstruction`` and ``kl`` (NaN), and no log-likelihood.
 
     Example:
         >>> from pyro_lvm import VAE
@@ -528,14 +665,26 @@ def evaluate(
             log_likelihood=ll.mean, log_likelihood_stderr=ll.stderr, bits_per_dim=bpd, elbo=ll.mean,
             reconstruction=ll.mean, kl=0.0, num_points=len(x), result=ll,
         )
-    pair_model, pair_guide, x = _resolve_pair(model, guide, x)
-    with _kernels(compile, num_particles, x):
-        sums = _stream(pair_model, pair_guide, x, num_particles, chunk_size, batch_size, progress,
-                       data_plate, kwargs, reconstruction=True)
+    pair_model, pair_guide, x = resolve_with_data(model, guide, x, "evaluate")
+    first = next(_guide_runs(pair_guide, x[:batch_size], batch_size, rows(kwargs, slice(0, batch_size), len(x)),
+                             pair_model))
     k = num_particles
-    ll = _from_sums(sums, k)
-    reconstruction = float((sums["recon"] / k).mean())
-    elbo = float(ll.elbo.mean())
+    if enumerated_sites(*first):  # sites the model sums out (a mixture's assignment): TraceEnum_ELBO's value
+        ll, reconstruction = None, float("nan")
+        elbo = _enumerated_elbo(pair_model, pair_guide, x, batch_size, data_plate, kwargs)
+    else:
+        with _kernels(compile, num_particles, x):
+            sums = _stream(pair_model, pair_guide, x, num_particles, chunk_size, batch_size, progress,
+                           data_plate, kwargs, reconstruction=True, vectorize_particles=vectorize_particles,
+                           per_point=False)
+        if "lse" in sums:
+            ll = _from_sums(sums, k)
+            reconstruction = float((sums["recon"] / k).mean())
+            elbo = float(ll.elbo.mean())
+        else:  # global latents: their terms counted once for the data set, not once per batch
+            ll = None
+            reconstruction = float((sums["recon_local"].sum() + sums["recon_global"].mean()) / (k * len(x)))
+            elbo = float((sums["elbo_local"].sum() + sums["elbo_global"].mean()) / (k * len(x)))
 
     monitor = LatentMonitor(activity_threshold=activity_threshold)
     dists: dict[str, list] = {}
@@ -543,22 +692,23 @@ def evaluate(
     for model_trace, guide_trace in _guide_runs(pair_guide, x, batch_size, kwargs, pair_model):
         for name, (kl, mean, shape) in latent_statistics(model_trace, guide_trace).items():
             monitor.add(name, kl, mean, shape)
+        model_sites = latent_sites(model_trace)
         for name, site in latent_sites(guide_trace).items():
-            dists.setdefault(name, []).append(site["fn"])
+            dists.setdefault(name, []).append(site_distribution(guide_trace, name, model_sites.get(name)))
             values.setdefault(name, []).append(site["value"])
     summary = monitor.end_epoch(epoch=0, warn=False)
     mi = None
     if len(dists) == 1:
         ((name, fns),) = dists.items()
-        if all(len(fn.batch_shape) == 1 for fn in fns):
+        if all(fn is not None and len(fn.batch_shape) == 1 for fn in fns):
             try:
                 mi = _mutual_information(fns, values[name])
             except (RuntimeError, ValueError):  # q(z | x_j) does not broadcast over other points' z
                 mi = None
     return Evaluation(
-        log_likelihood=ll.mean,
-        log_likelihood_stderr=ll.stderr,
-        bits_per_dim=-ll.mean / (d * math.log(2.0)),
+        log_likelihood=None if ll is None else ll.mean,
+        log_likelihood_stderr=None if ll is None else ll.stderr,
+        bits_per_dim=None if ll is None else -ll.mean / (d * math.log(2.0)),
         elbo=elbo,
         reconstruction=reconstruction,
         kl=reconstruction - elbo,

@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributions import biject_to
 from torch.nn.functional import softplus
 
-from .training import _accepting
+from .pairs import accepting as _accepting
 
 __all__ = ["AmortizedGuide", "PerDatapointGuide", "SemiAmortizedGuide", "with_global_autoguide"]
 

@@ -30,7 +30,8 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .estimators.base import guide_order_matches_model, latent_sites
+from .estimators.base import guide_order_matches_model
+from .pairs import latent_sites, site_distribution
 from .estimators.kl_control import kl_per_variable, kl_per_variable_mc
 
 __all__ = ["LatentMonitor", "PosteriorCollapseWarning", "latent_statistics"]
@@ -87,7 +88,9 @@ def latent_statistics(model_trace, guide_trace) -> dict[str, tuple[torch.Tensor,
     for name, site in latent_sites(guide_trace).items():
         if name not in model_sites:
             continue
-        q, p = site["fn"], model_sites[name]["fn"]
+        q, p = site_distribution(guide_trace, name, model_sites[name]), model_sites[name]["fn"]
+        if q is None:  # a point estimate (AutoDelta), or one part of an autoguide's joint draw
+            continue
         stats = _site_statistics(q, p, site["value"], analytic)
         if stats is not None:
             kl, mean = stats

@@ -16,10 +16,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import biject_to
 
-from .estimators.base import latent_sites
-from .evaluation import (
-    _chunks, _per_point, _reconstruction, _resolve_pair, _runs, log_likelihood,
-)
+from .evaluation import _chunks, _per_point, log_likelihood, particle_chunks, resolve_with_data
+from .pairs import check_vectorization, latent_sites, resolve, rows, site_distribution
 
 __all__ = [
     "psis_khat", "psislw", "to_inference_data", "amortization_gap", "AmortizationGap", "compare_with_nuts",
@@ -78,22 +76,19 @@ def _rounding(x: torch.Tensor) -> float:
 
 def _draws(
     model: Callable, guide: Callable, x: torch.Tensor, num_particles: int, chunk_size: int,
-    batch_size: int, data_plate: str, kwargs: dict, keep_latents: bool,
+    batch_size: int, data_plate: str, kwargs: dict, keep_latents: bool, vectorize_particles: Optional[bool] = None,
 ) -> dict[str, Any]:
     """Per data point, ``num_particles`` log weights (and optionally the draws and log p(x | z))."""
     log_w, recon, latents = [], [], {}
-    for n, runs in _runs(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs):
+    for n, runs in particle_chunks(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs,
+                                   vectorize_particles, reconstruction=keep_latents, latents=keep_latents):
         parts_w, parts_r, parts_z = [], [], {}
-        for runner, weights, model_trace, guide_trace in runs:
-            size = runner.num_particles
+        for draws in runs:
+            weights = draws.weights
             parts_w.append(_per_point(weights, weights.joint()).double())
             if keep_latents:
-                parts_r.append(_reconstruction(runner, weights, model_trace, guide_trace))
-                for name, site in latent_sites(guide_trace).items():
-                    value = site["value"]
-                    # (K, ..., B, *event) -> (K, B, prod(event))
-                    event = len(site["fn"].event_shape)
-                    value = value.reshape(value.shape[:1] + (n, -1)) if event else value.reshape(size, n, 1)
+                parts_r.append(_per_point(draws.reconstruction, draws.reconstruction.joint()).double())
+                for name, value in draws.latents.items():  # (K, B, prod(site shape))
                     parts_z.setdefault(name, []).append(value.double())
         log_w.append(torch.cat(parts_w))
         if keep_latents:
@@ -116,6 +111,7 @@ def psis_khat(
     chunk_size: int = 100,
     batch_size: int = 100,
     data_plate: str = "data",
+    vectorize_particles: Optional[bool] = None,
     **kwargs,
 ) -> torch.Tensor:
     r"""Pareto :math:`\hat k` of the importance weights :math:`p(x_i, z) / q(z \mid x_i)`, one per data point.
@@ -157,6 +153,8 @@ def psis_khat(
         chunk_size: particles per vectorized run.
         batch_size: data points per vectorized run.
         data_plate: the name of the pair's plate of independent data points.
+        vectorize_particles: the particles in one pass, one at a time, or ``None`` (decided on the
+            first batch; see :func:`pyro_lvm.evaluation.log_likelihood`).
         kwargs: passed to ``model`` and ``guide`` (tensors with one row per data point batched with ``x``).
 
     Returns:
@@ -178,8 +176,9 @@ def psis_khat(
     """
     if num_particles < 2:
         raise ValueError(f"psis_khat needs num_particles >= 2 (PSIS fits the tail of many weights); got {num_particles}.")
-    model, guide, x = _resolve_pair(model, guide, x)
-    log_w = _draws(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs, False)["log_weights"]
+    model, guide, x = resolve_with_data(model, guide, x, "psis_khat")
+    log_w = _draws(model, guide, x, num_particles, chunk_size, batch_size, data_plate, kwargs, False,
+                   vectorize_particles)["log_weights"]
     _, khat = psislw(log_w.T.cpu().numpy(), rtol=_rounding(x))
     return torch.as_tensor(khat, dtype=torch.float64)
 
@@ -189,26 +188,35 @@ def to_inference_data(
     model: Any,
     guide: Any = None,
     x: Optional[torch.Tensor] = None,
-    num_samples: int = 1000,
+    num_samples: int = 250,
+    num_chains: int = 4,
     chunk_size: int = 100,
     batch_size: int = 100,
     data_plate: str = "data",
+    vectorize_particles: Optional[bool] = None,
     **kwargs,
 ):
     r"""An :class:`arviz.InferenceData` of the guide's posterior draws for the inputs ``x``.
 
-    Built with ``arviz.from_dict`` (``from_pyro`` needs an MCMC run). One chain of
-    ``num_samples`` draws :math:`z^{(s)} \sim q(z \mid x_i)` for each input; groups:
+    Built with ``arviz.from_dict`` (``from_pyro`` needs an MCMC run). ``num_chains`` chains of
+    ``num_samples`` independent draws :math:`z^{(s)} \sim q(z \mid x_i)` for each input (the
+    chains are independent draws too, so ``az.rhat`` is near 1 and ``az.ess`` near the number of
+    draws: a check that the export is sound, not of the guide); groups:
 
-    * ``posterior``: each latent site, dims ``("obs", "latent")`` (the site's event flattened);
-    * ``log_likelihood``: ``x``, :math:`\log p(x_i \mid z_i^{(s)})` (all observed sites), dims ``("obs",)``;
+    * ``posterior``: each latent site under its own name, dims ``(chain, draw, obs, <site>_dim)``
+      (the site's shape per data point flattened);
+    * ``log_likelihood``: ``x``, :math:`\log p(x_i \mid z_i^{(s)})` (all observed sites), dims ``(chain, draw, obs)``;
     * ``sample_stats``: ``log_weight``, :math:`\log p(x_i, z_i^{(s)}) - \log q(z_i^{(s)} \mid x_i)`,
-      and ``khat`` (dims ``("obs",)`` only: one Pareto :math:`\hat k` per input, from these
+      and ``khat`` (dims ``(obs,)`` only: one Pareto :math:`\hat k` per input, from all its
       draws, see :func:`psis_khat`);
     * ``observed_data``: ``x``.
 
-    ``az.summary`` and ``az.plot_posterior`` describe :math:`q(z \mid x_i)` per input (its
-    R-hat and ESS are those of independent draws, ESS about ``num_samples``);
+    A site may have any name (Pyro's VAE example calls its latent ``latent``): ArviZ drops a
+    variable named like a dimension, so the dimensions take other names where a site has theirs
+    (``obs_`` for a site named ``obs``), and a site named like ArviZ's own ``chain`` or ``draw`` is
+    stored as ``chain_`` or ``draw_``; each variable's attribute ``site`` holds its site's name.
+
+    ``az.summary`` and ``az.plot_posterior`` describe :math:`q(z \mid x_i)` per input;
     ``az.plot_khat(az.ELPDData(data=[idata.sample_stats["khat"], 0.7], index=["pareto_k",
     "good_k"]))`` plots the k-hat per input (ArviZ 0.23 deprecates passing the bare array;
     tutorial 06 shows it). ``az.loo`` runs,
@@ -222,53 +230,76 @@ def to_inference_data(
     Arguments:
         model: the model, or a module with ``model`` and ``guide`` methods.
         guide: the guide; ``None`` (or the data, positionally) for a module's own.
-        x: the chosen inputs (a few: the posterior group holds ``num_samples x N x latent`` numbers).
-        num_samples: draws per input.
+        x: the chosen inputs (a few: the posterior group holds ``num_chains x num_samples x N x latent`` numbers).
+        num_samples: draws per chain and input.
+        num_chains: chains of independent draws (at least 2 for ``az.rhat``).
         chunk_size: draws per vectorized run.
         batch_size: inputs per vectorized run.
         data_plate: the name of the pair's plate of independent data points.
+        vectorize_particles: the draws in one pass, one at a time, or ``None`` (decided on the first batch).
         kwargs: passed to ``model`` and ``guide`` (tensors with one row per data point batched with ``x``).
 
     Example:
         >>> import pyro, pyro.distributions as dist
         >>> def model(x):
         ...     with pyro.plate("data", len(x)):
-        ...         z = pyro.sample("z", dist.Normal(torch.zeros(2), 1.).to_event(1))
+        ...         z = pyro.sample("latent", dist.Normal(torch.zeros(2), 1.).to_event(1))
         ...         pyro.sample("x", dist.Normal(z, 1.).to_event(1), obs=x)
         >>> def guide(x):
         ...     with pyro.plate("data", len(x)):
-        ...         pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5).to_event(1))
-        >>> idata = to_inference_data(model, guide, torch.zeros(3, 2), num_samples=50)
-        >>> dict(idata.posterior["z"].sizes)
-        {'chain': 1, 'draw': 50, 'obs': 3, 'latent': 2}
+        ...         pyro.sample("latent", dist.Normal(x / 2, 0.5 ** 0.5).to_event(1))
+        >>> idata = to_inference_data(model, guide, torch.zeros(3, 2), num_samples=50, num_chains=2)
+        >>> dict(idata.posterior["latent"].sizes)
+        {'chain': 2, 'draw': 50, 'obs': 3, 'latent_dim': 2}
     """
     import arviz as az
     import xarray as xr
 
     if num_samples < 2:
         raise ValueError(f"to_inference_data needs num_samples >= 2; got {num_samples}.")
-    model, guide, x = _resolve_pair(model, guide, x)
-    draws = _draws(model, guide, x, num_samples, chunk_size, batch_size, data_plate, kwargs, True)
+    if num_chains < 1:
+        raise ValueError(f"to_inference_data needs num_chains >= 1; got {num_chains}.")
+    model, guide, x = resolve_with_data(model, guide, x, "to_inference_data")
+    total = num_samples * num_chains
+    draws = _draws(model, guide, x, total, chunk_size, batch_size, data_plate, kwargs, True, vectorize_particles)
     log_w = draws["log_weights"]
     _, khat = psislw(log_w.T.cpu().numpy(), rtol=_rounding(x))
 
-    def chain(t: torch.Tensor) -> np.ndarray:
-        return t.cpu().numpy()[None]
+    def chains(t: torch.Tensor) -> np.ndarray:
+        return t.cpu().numpy().reshape((num_chains, num_samples) + tuple(t.shape[1:]))
 
-    posterior = {name: chain(value) for name, value in draws["latents"].items()}
-    x_np = x.detach().cpu().double().numpy()
-    dims = {name: ["obs", "latent"] for name in posterior}
-    dims.update({"x": ["obs"], "log_weight": ["obs"]})
+    variables = {}  # a site named like ArviZ's own dims is stored as "chain_"
+    for name in draws["latents"]:
+        variables[name] = name
+        while variables[name] in ("chain", "draw"):
+            variables[name] += "_"
+    # no dim may share a variable's name (in any group), or ArviZ drops the variable
+    taken = {"chain", "draw", "x", "log_weight", "khat", *variables.values()}
+
+    def free(name: str) -> str:
+        while name in taken:
+            name += "_"
+        taken.add(name)
+        return name
+
+    obs = free("obs")
+    posterior, dims = {}, {}
+    for name, value in draws["latents"].items():
+        posterior[variables[name]] = chains(value)
+        dims[variables[name]] = [obs, free(f"{name}_dim")]
+    dims.update({"x": [obs], "log_weight": [obs]})
     n = len(x)
     idata = az.from_dict(
         posterior=posterior,
-        log_likelihood={"x": chain(draws["reconstruction"])},
-        sample_stats={"log_weight": chain(log_w)},
-        observed_data={"x": x_np},
-        coords={"obs": np.arange(n)},
+        log_likelihood={"x": chains(draws["reconstruction"])},
+        sample_stats={"log_weight": chains(log_w)},
+        observed_data={"x": x.detach().cpu().double().numpy()},
+        coords={obs: np.arange(n)},
         dims=dims,
     )
-    idata.sample_stats["khat"] = xr.DataArray(khat, dims=["obs"], coords={"obs": np.arange(n)})
+    idata.sample_stats["khat"] = xr.DataArray(khat, dims=[obs], coords={obs: np.arange(n)})
+    for name, variable in variables.items():
+        idata.posterior[variable].attrs["site"] = name
     return idata
 
 
@@ -298,6 +329,7 @@ class _Layout:
     sites: list
     nesting: int
     data_dim: int
+    vectorized: bool = True  # whether the model broadcasts over a particle plate (else one run per particle)
 
     def names(self) -> list[str]:
         return [site.name for site in self.sites]
@@ -335,27 +367,9 @@ class _Evaluating:
             module.train(training)
 
 
-def _resolve(model: Any, guide: Any, who: str) -> tuple[Callable, Callable]:
-    """The model and guide functions of ``(module,)`` or ``(model, guide)``."""
-    is_module = isinstance(model, torch.nn.Module) and callable(getattr(model, "model", None)) \
-        and callable(getattr(model, "guide", None))
-    if guide is None:
-        if not is_module:
-            raise ValueError(
-                f"{who} needs a guide: pass guide=... with a model function, or a module with model and "
-                f"guide methods (such as pyro_lvm.VAE); got {type(model).__name__} and no guide."
-            )
-        return model.model, model.guide
-    return (model.model if is_module else model), guide
-
-
 def _take(x: torch.Tensor, kwargs: dict, index: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """Rows ``index`` of ``x`` and of the tensors among ``kwargs`` with one row per data point."""
-    n = len(x)
-    return x[index], {
-        key: value[index] if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == n else value
-        for key, value in kwargs.items()
-    }
+    return x[index], rows(kwargs, index, len(x))
 
 
 def _frame(site: dict, data_plate: str):
@@ -378,21 +392,15 @@ def _normal_parameters(fn: Any) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
     return None
 
 
-def _layout(model: Callable, guide: Callable, x: torch.Tensor, kwargs: dict, data_plate: str, who: str) -> _Layout:
-    """Trace the guide (twice) and the model against it: the latent sites and the plates."""
+def _layout(model: Callable, guide: Callable, x: torch.Tensor, kwargs: dict, data_plate: str, who: str,
+            vectorize_particles: Optional[bool] = None) -> _Layout:
+    """Trace the guide (twice) and the model against it: the latent sites, the plates, and whether
+    the pair runs its particles vectorized (``vectorize_particles``; ``None``: as
+    :func:`pyro_lvm.pairs.check_vectorization` finds)."""
     with poutine.block(), torch.no_grad():
         first = prune_subsample_sites(poutine.trace(guide).get_trace(x, **kwargs))
         second = prune_subsample_sites(poutine.trace(guide).get_trace(x, **kwargs))
         model_trace = prune_subsample_sites(poutine.trace(poutine.replay(model, trace=first)).get_trace(x, **kwargs))
-    latents = latent_sites(first)
-    if not latents:
-        raise ValueError(f"{who} needs a guide with latent sample sites; the guide drew none for this input.")
-    in_model = set(latent_sites(model_trace))
-    if set(latents) != in_model:
-        raise ValueError(
-            f"{who} needs the model and the guide to share their latent sites; the guide has "
-            f"{sorted(latents)}, the model {sorted(in_model)}."
-        )
     nesting, data_dim = 0, None
     for trace in (first, model_trace):
         for name, site in trace.nodes.items():
@@ -407,9 +415,23 @@ def _layout(model: Callable, guide: Callable, x: torch.Tensor, kwargs: dict, dat
                 )
             data_dim = frame.dim
             nesting = max([nesting] + [-f.dim for f in site["cond_indep_stack"] if f.vectorized])
+    latents = latent_sites(first)
+    if not latents:
+        raise ValueError(f"{who} needs a guide with latent sample sites; the guide drew none for this input.")
+    in_model = set(latent_sites(model_trace))
+    if set(latents) != in_model:
+        raise ValueError(
+            f"{who} needs the model and the guide to share their latent sites; the guide has "
+            f"{sorted(latents)}, the model {sorted(in_model)}."
+        )
     sites = []
+    model_sites = latent_sites(model_trace)
     for name, site in latents.items():
-        value, fn = site["value"], site["fn"]
+        value = site["value"]
+        # the guide's density of the model's value (an autoguide's Delta: its auxiliary draw's), the model's support
+        fn = site_distribution(first, name, model_sites[name]) or site["fn"]
+        second_fn = site_distribution(second, name, model_sites[name]) or second.nodes[name]["fn"]
+        support = model_sites[name]["fn"].support
         start = value.dim() - len(fn.event_shape) + _frame(site, data_plate).dim
         if start < 0 or any(size != 1 for size in value.shape[:start]):
             raise ValueError(
@@ -419,30 +441,50 @@ def _layout(model: Callable, guide: Callable, x: torch.Tensor, kwargs: dict, dat
         shape = value.shape[start + 1:]
         n = value.shape[start]
         gaussian = None
-        first_params, second_params = _normal_parameters(fn), _normal_parameters(second.nodes[name]["fn"])
+        first_params, second_params = _normal_parameters(fn), _normal_parameters(second_fn)
         if first_params is not None and second_params is not None and all(
             torch.equal(a.broadcast_to(value.shape), b.broadcast_to(value.shape))
             for a, b in zip(first_params, second_params)
         ):  # a Normal whose parameters do not depend on another latent's draw
             gaussian = tuple(p.detach().broadcast_to(value.shape).reshape((n,) + shape).clone() for p in first_params)
-        sites.append(_Site(name=name, shape=shape, discrete=bool(fn.support.is_discrete), support=fn.support,
+        sites.append(_Site(name=name, shape=shape, discrete=bool(support.is_discrete), support=support,
                            dtype=value.dtype, gaussian=gaussian, family=_family(fn)))
-    return _Layout(sites=sites, nesting=nesting, data_dim=data_dim)
+    if vectorize_particles is None:
+        vectorized = bool(check_vectorization(model, guide, (x,), kwargs, nesting))
+    else:
+        vectorized = bool(vectorize_particles)
+    return _Layout(sites=sites, nesting=nesting, data_dim=data_dim, vectorized=vectorized)
 
 
 def _log_joint(model: Callable, x: torch.Tensor, kwargs: dict, values: dict, layout: _Layout) -> torch.Tensor:
     r"""``log p(x_i, z)`` at the latent values ``values[name]`` of shape ``(K, N, *shape)``: shape ``(K, N)``.
 
     The model runs once, conditioned on the values, inside a plate of ``K`` particles to the
-    left of its own plates (as :class:`pyro_lvm.estimators.particles.ParticleELBO` runs it).
+    left of its own plates (as :class:`pyro_lvm.estimators.particles.ParticleELBO` runs it); or,
+    for a model that does not broadcast over particles (``layout.vectorized`` false), once per
+    particle with the values in the shape of one batch.
     """
     k = next(iter(values.values())).shape[0]
+    if layout.vectorized:
+        return _joint_run(model, x, kwargs, values, layout, k)
+    return torch.cat([_joint_run(model, x, kwargs, {name: value[i] for name, value in values.items()}, layout, None)
+                      for i in range(k)])
+
+
+def _joint_run(model: Callable, x: torch.Tensor, kwargs: dict, values: dict, layout: _Layout,
+               k: Optional[int]) -> torch.Tensor:
+    """One conditioned run of the model: ``k`` particles in a plate, or one (``None``) without: ``(k or 1, N)``."""
     n = len(x)
     depth, keep = layout.nesting + 1, layout.nesting + 1 + layout.data_dim
     pad = (1,) * (layout.nesting + layout.data_dim)
-    data = {name: value.reshape((k,) + pad + value.shape[1:]) for name, value in values.items()}
-    with poutine.block(), pyro.plate(_PARTICLES, k, dim=-depth):
-        trace = poutine.trace(poutine.condition(model, data=data)).get_trace(x, **kwargs)
+    with poutine.block():
+        if k is None:
+            trace = poutine.trace(poutine.condition(model, data=values)).get_trace(x, **kwargs)
+        else:
+            data = {name: value.reshape((k,) + pad + value.shape[1:]) for name, value in values.items()}
+            with pyro.plate(_PARTICLES, k, dim=-depth):
+                trace = poutine.trace(poutine.condition(model, data=data)).get_trace(x, **kwargs)
+    k = k or 1
     total = None
     for site in prune_subsample_sites(trace).nodes.values():
         if site["type"] != "sample" or site["infer"].get("_deterministic"):
@@ -460,9 +502,9 @@ def _log_joint(model: Callable, x: torch.Tensor, kwargs: dict, values: dict, lay
 
 
 def _flat_draws(model: Callable, guide: Callable, x: torch.Tensor, kwargs: dict, num: int, chunk_size: int,
-                data_plate: str) -> dict[str, Any]:
+                data_plate: str, layout: _Layout) -> dict[str, Any]:
     """``num`` draws of the guide per data point: log weights ``(num, N)`` and latents ``{name: (num, N, D)}``."""
-    return _draws(model, guide, x, num, chunk_size, len(x), data_plate, kwargs, True)
+    return _draws(model, guide, x, num, chunk_size, len(x), data_plate, kwargs, True, layout.vectorized)
 
 
 def _refuse_discrete(layout: _Layout, who: str, model: Any, reason: str, alternative: str) -> None:
@@ -541,6 +583,7 @@ def amortization_gap(
     chunk_size: int = 100,
     guide: Optional[Callable] = None,
     data_plate: str = "data",
+    vectorize_particles: Optional[bool] = None,
     **kwargs,
 ) -> AmortizationGap:
     r"""Per data point, the amortization gap and the approximation gap of the guide :math:`q(z \mid x)`.
@@ -622,6 +665,8 @@ def amortization_gap(
         chunk_size: draws per vectorized evaluation run.
         guide: the guide, for a model function of your own; ``None`` for a module's.
         data_plate: the name of the pair's plate of independent data points.
+        vectorize_particles: run the particles in one pass, one at a time, or ``None`` (decided by
+            :func:`pyro_lvm.pairs.check_vectorization`), for a model that does not broadcast over them.
         kwargs: passed to ``model`` and ``guide`` (e.g. a conditional VAE's ``y`` and ``mask``).
 
     Example:
@@ -642,16 +687,16 @@ def amortization_gap(
             raise ValueError(f"amortization_gap needs {name} >= {least}; got {value}.")
     if lr <= 0:
         raise ValueError(f"amortization_gap needs a positive learning rate; got lr={lr}.")
-    model_fn, guide_fn = _resolve(model, guide, "amortization_gap")
+    model_fn, guide_fn = resolve(model, guide, "amortization_gap")
     with _Evaluating(model, guide, model_fn, guide_fn):
-        layout = _layout(model_fn, guide_fn, x, kwargs, data_plate, "amortization_gap")
+        layout = _layout(model_fn, guide_fn, x, kwargs, data_plate, "amortization_gap", vectorize_particles)
         _refuse_discrete(layout, "amortization_gap", model,
                          "it refines a Gaussian q_i per data point, which a discrete latent cannot have.",
                          "Use psis_khat and pyro_lvm.evaluation.log_likelihood (its elbo and log p(x) per point) instead.")
         same_family = all(site.gaussian is not None for site in layout.sites)
         loc0, scale0, amortized = {}, {}, None
         if not same_family:
-            draws = _flat_draws(model_fn, guide_fn, x, kwargs, eval_particles, chunk_size, data_plate)
+            draws = _flat_draws(model_fn, guide_fn, x, kwargs, eval_particles, chunk_size, data_plate, layout)
             amortized = draws["log_weights"].cpu()
         for site in layout.sites:
             if site.gaussian is not None:
@@ -700,7 +745,8 @@ def amortization_gap(
                 draws_amortized.append(_gaussian_log_weights(model_fn, x, kwargs, layout, loc0, scale0, eps).double().cpu())
             draws_optimized.append(_gaussian_log_weights(model_fn, x, kwargs, layout, loc, scale, eps).double().cpu())
         by_guide = log_likelihood(model_fn, guide_fn, x, num_particles=log_likelihood_particles,
-                                  chunk_size=chunk_size, batch_size=len(x), data_plate=data_plate, **kwargs)
+                                  chunk_size=chunk_size, batch_size=len(x), data_plate=data_plate,
+                                  vectorize_particles=layout.vectorized, **kwargs)
     optimized = torch.cat(draws_optimized)
     amortized = torch.cat(draws_amortized) if same_family else amortized
     k = eval_particles
@@ -817,6 +863,7 @@ def compare_with_nuts(
     guide: Optional[Callable] = None,
     data_plate: str = "data",
     chunk_size: int = 100,
+    vectorize_particles: Optional[bool] = None,
     **kwargs,
 ) -> NutsComparison:
     r"""Run NUTS on :math:`p(z \mid x_i)` with the trained model and compare it with :math:`q(z \mid x_i)`.
@@ -864,6 +911,8 @@ def compare_with_nuts(
         guide: the guide, for a model function of your own; ``None`` for a module's.
         data_plate: the name of the pair's plate of independent data points.
         chunk_size: guide draws per vectorized run.
+        vectorize_particles: run the particles in one pass, one at a time, or ``None`` (decided by
+            :func:`pyro_lvm.pairs.check_vectorization`), for a model that does not broadcast over them.
         kwargs: passed to ``model`` and ``guide`` (e.g. a conditional VAE's ``y`` and ``mask``).
 
     Example:
@@ -885,11 +934,11 @@ def compare_with_nuts(
         raise ValueError(f"compare_with_nuts needs num_samples >= 4 (split R-hat halves each chain); got {num_samples}.")
     if warmup_steps < 0:
         raise ValueError(f"compare_with_nuts needs warmup_steps >= 0; got {warmup_steps}.")
-    model_fn, guide_fn = _resolve(model, guide, "compare_with_nuts")
+    model_fn, guide_fn = resolve(model, guide, "compare_with_nuts")
     x = x.detach()
     n = len(x)
     with _Evaluating(model, guide, model_fn, guide_fn):
-        layout = _layout(model_fn, guide_fn, x, kwargs, data_plate, "compare_with_nuts")
+        layout = _layout(model_fn, guide_fn, x, kwargs, data_plate, "compare_with_nuts", vectorize_particles)
         _refuse_discrete(layout, "compare_with_nuts", model,
                          "NUTS (Hamiltonian Monte Carlo) moves along the gradient of log p(x, z) in z, which a "
                          "discrete latent does not have.",
@@ -905,8 +954,8 @@ def compare_with_nuts(
             return -(_log_joint(model_fn, x, kwargs, values, layout).sum() + log_det)
 
         with torch.no_grad():
-            q_draws = _flat_draws(model_fn, guide_fn, x, kwargs, guide_samples, chunk_size, data_plate)["latents"]
-            starts = _flat_draws(model_fn, guide_fn, x, kwargs, num_chains, chunk_size, data_plate)["latents"]
+            q_draws = _flat_draws(model_fn, guide_fn, x, kwargs, guide_samples, chunk_size, data_plate, layout)["latents"]
+            starts = _flat_draws(model_fn, guide_fn, x, kwargs, num_chains, chunk_size, data_plate, layout)["latents"]
         chains: dict[str, list] = {site.name: [] for site in layout.sites}
         for chain in range(num_chains):
             initial = {
@@ -1021,6 +1070,7 @@ def sbc(
     batch_size: int = 500,
     x: Optional[torch.Tensor] = None,
     data_plate: str = "data",
+    vectorize_particles: Optional[bool] = None,
     **kwargs,
 ) -> SBCResult:
     r"""Simulation-based calibration of the amortized posterior :math:`q(z \mid x)` (Talts et al. 2018).
@@ -1077,6 +1127,8 @@ def sbc(
         batch_size: simulations per vectorized run.
         x: the data rows the simulations cycle through (see above); ``None`` for a built-in model's ``example_batch``.
         data_plate: the name of the pair's plate of independent data points.
+        vectorize_particles: run the particles in one pass, one at a time, or ``None`` (decided by
+            :func:`pyro_lvm.pairs.check_vectorization`), for a model that does not broadcast over them.
         kwargs: passed to ``model`` and ``guide`` (e.g. a conditional VAE's ``y`` and ``mask``).
 
     Example:
@@ -1105,14 +1157,14 @@ def sbc(
         x = model.example_batch(1)
     if len(x) < 1:
         raise ValueError("sbc needs at least one data row x; got an empty tensor.")
-    model_fn, guide_fn = _resolve(model, guide, "sbc")
+    model_fn, guide_fn = resolve(model, guide, "sbc")
     with _Evaluating(model, guide, model_fn, guide_fn):
         # the older form of a built-in model's guide: x -> q(z | x), a distribution
         older = guide is not None and callable(getattr(model, "posterior", None))
         legacy = _distribution_guide(guide_fn, x[:1], kwargs, data_plate) if older else None
         guide_fn = legacy or guide_fn
         first_x, first_kwargs = _take(x, kwargs, torch.arange(min(batch_size, len(x))))
-        layout = _layout(model_fn, guide_fn, first_x, first_kwargs, data_plate, "sbc")
+        layout = _layout(model_fn, guide_fn, first_x, first_kwargs, data_plate, "sbc", vectorize_particles)
         ranks = []
         for start, size in zip(range(0, num_simulations, batch_size), _chunks(num_simulations, batch_size)):
             xb, kwb = _take(x, kwargs, torch.arange(start, start + size) % len(x))
@@ -1142,7 +1194,7 @@ def sbc(
                 arguments[key] = value.reshape(arguments[key].shape).to(arguments[key].dtype)
             x_sim = arguments.pop("x")
             truth = {site.name: trace.nodes[site.name]["value"].reshape(size, -1).double() for site in layout.sites}
-            draws = _flat_draws(model_fn, guide_fn, x_sim, arguments, num_draws, num_draws, data_plate)["latents"]
+            draws = _flat_draws(model_fn, guide_fn, x_sim, arguments, num_draws, num_draws, data_plate, layout)["latents"]
             parts = []
             for site in layout.sites:
                 z, true = draws[site.name], truth[site.name]

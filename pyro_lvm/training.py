@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
 import random
@@ -12,6 +11,7 @@ import numpy as np
 import pyro
 import pytorch_lightning as pl
 import torch
+import torchmetrics
 from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import ELBO
@@ -20,13 +20,17 @@ from torch import nn
 
 from .checkpoints import load_checkpoint
 from .data import TensorDataModule
-from .estimators import BetaMixin, make_elbo
+from .estimators import ESTIMATORS, BetaMixin, make_elbo
 from .estimators.fast import FastLoss, fast_path_blocker
 from .estimators.kl_control import Capacity, KLControl
 from .monitoring import LatentMonitor
+from .pairs import (
+    accepting, call_keys, check_arguments, elbo_parts, enumerated_elbo_parts, enumerated_sites, is_pair_module,
+    split_batch,
+)
 from .schedules import Constant, Schedule
 
-__all__ = ["LVMModule", "elbo_terms", "fit"]
+__all__ = ["LVMModule", "HeldOutMean", "elbo_terms", "fit"]
 
 _BUFFER_PREFIX = "__baseline"  # Pyro keeps decaying-average baselines in the param store
 
@@ -36,9 +40,39 @@ def _escape(name: str) -> str:
     return name.replace(".", "/")
 
 
-def _is_pair(obj: Any) -> bool:
-    """A module that carries its own pair, such as :class:`pyro_lvm.VAE`."""
-    return callable(getattr(obj, "model", None)) and callable(getattr(obj, "guide", None))
+class HeldOutMean(torchmetrics.Metric):
+    r"""A held-out term per data point over an epoch, global terms counted once.
+
+    Each batch ``b`` adds the sum over its data points of their terms, :math:`L_b`, the global
+    terms (sites outside the data plate), :math:`G_b`, and its size :math:`B_b`; the epoch's value
+    over :math:`N = \sum_b B_b` points is :math:`\big(\sum_b L_b + \frac1{n_b}\sum_b G_b\big) / N`,
+    whatever the batch size. Summed over processes under DDP.
+
+    Example:
+        >>> mean = HeldOutMean()
+        >>> mean.update(torch.tensor(-10.0), torch.tensor(-3.0), 5)
+        >>> mean.update(torch.tensor(-12.0), torch.tensor(-5.0), 5)
+        >>> round(float(mean.compute()), 6)  # (-22 + (-4)) / 10
+        -2.6
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name in ("local", "shared", "count", "batches"):
+            self.add_state(name, default=torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, local: torch.Tensor, shared: torch.Tensor, batch_size: int) -> None:
+        self.local += local.double()
+        self.shared += shared.double()
+        self.count += batch_size
+        self.batches += 1
+
+    def compute(self) -> torch.Tensor:
+        # summed in float64 over the epoch; logged in the default dtype, as the other metrics
+        value = (self.local + self.shared / self.batches.clamp(min=1)) / self.count.clamp(min=1)
+        return value.to(torch.get_default_dtype())
 
 
 def _owner(fn: Any) -> Optional[nn.Module]:
@@ -47,37 +81,15 @@ def _owner(fn: Any) -> Optional[nn.Module]:
     return owner if isinstance(owner, nn.Module) else None
 
 
-def _call_spec(fn: Callable) -> tuple[set[str], bool]:
-    if isinstance(fn, nn.Module):  # its __call__ takes (*args, **kwargs); forward says what it uses
-        fn = fn.forward
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return set(), True
-    names = {p.name for p in params}
-    return names, any(p.kind is p.VAR_KEYWORD for p in params)
-
-
-def _accepting(fn: Callable) -> Callable:
-    """``fn``, called only with the keyword arguments it accepts."""
-    names, var_kw = _call_spec(fn)
-    if var_kw:
-        return fn
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
-
-    return call
-
-
 def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
     r"""One-sample Monte-Carlo estimate of the ELBO's two terms, per data point.
 
     Runs ``guide`` once, replays ``model`` against it, and returns
     ``reconstruction`` = :math:`\log p(x \mid z)` (observed sites),
     ``kl`` = :math:`\log q(z \mid x) - \log p(z)` (latent sites) and
-    ``elbo`` = reconstruction - kl, each summed over the batch. The estimate is
+    ``elbo`` = reconstruction - kl, each summed over the batch (the data points'
+    terms without a subsampling plate's scale, global terms once; see
+    :func:`pyro_lvm.pairs.elbo_parts`). The estimate is
     unbiased for any guide, whatever estimator trained it, so held-out values are
     comparable across estimators.
 
@@ -91,7 +103,10 @@ def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, t
         >>> bool(torch.isclose(t["elbo"], t["reconstruction"] - t["kl"]))
         True
     """
-    return _terms(*_replayed_traces(model, guide, *args, **kwargs))
+    parts = elbo_parts(*_replayed_traces(model, guide, *args, **kwargs))
+    reconstruction = parts["reconstruction"] + parts["global_reconstruction"]
+    kl = parts["kl"] + parts["global_kl"]
+    return {"elbo": reconstruction - kl, "reconstruction": reconstruction, "kl": kl}
 
 
 def _replayed_traces(model: Callable, guide: Callable, *args, **kwargs):
@@ -103,20 +118,6 @@ def _replayed_traces(model: Callable, guide: Callable, *args, **kwargs):
     model_trace.compute_log_prob()
     guide_trace.compute_log_prob()
     return model_trace, guide_trace
-
-
-def _terms(model_trace, guide_trace) -> dict[str, torch.Tensor]:
-    reconstruction = kl = torch.zeros(())
-    for site in model_trace.nodes.values():
-        if site["type"] == "sample":
-            if site["is_observed"]:
-                reconstruction = reconstruction + site["log_prob_sum"]
-            else:
-                kl = kl - site["log_prob_sum"]
-    for site in guide_trace.nodes.values():
-        if site["type"] == "sample":
-            kl = kl + site["log_prob_sum"]
-    return {"elbo": reconstruction - kl, "reconstruction": reconstruction, "kl": kl}
 
 
 class LVMModule(pl.LightningModule):
@@ -144,8 +145,18 @@ class LVMModule(pl.LightningModule):
 
     Each batch is a tensor ``x``, a tuple (passed positionally), or a dict whose
     ``"x"`` is passed first and whose other keys (``"y"``, ``"index"``, ...) are
-    passed by name to the model and to the guide, each getting those it accepts
-    (a per-datapoint guide takes ``index``; the model need not).
+    passed by name to the model and to the guide, each getting those it names
+    (:func:`pyro_lvm.pairs.call_keys`: a per-datapoint guide takes ``index``, the model
+    need not; a Pyro autoguide gets what its model takes). ``rename`` maps a batch key to
+    an argument of another name (Pyro's CVAE example calls its target ``ys``:
+    ``rename={"y": "ys"}``). Before training, :meth:`initialize` refuses a pair that a batch
+    would teach nothing: a model that observes nothing, or a batch key that reaches no
+    argument while the model has one of a similar name.
+
+    The held-out numbers (``val/*``, ``test/*``) are per data point and do not depend on the
+    batch size: the terms of sites in the data plate (``data_plate``) are summed over the
+    data, those of global sites (a factor model's weights) counted once per epoch (see
+    :class:`HeldOutMean`).
 
     Logged: ``train/loss`` (``-ELBO_beta`` per data point), ``train/beta``,
     and with no gradient step ``val/elbo``, ``val/reconstruction``, ``val/kl``
@@ -188,6 +199,9 @@ class LVMModule(pl.LightningModule):
             draws for the same seed, with Pyro's argument checks run once instead of every
             step (the data's values are checked on each epoch's first batch and every 50th). Other pairs and estimators run
             through Pyro whatever this says; ``fast_path_blocker`` names the reason.
+        rename: batch key -> the argument of the model (and guide) that receives it.
+        data_plate: the name of the pair's plate of independent data points (for the held-out
+            numbers and the multi-sample estimators' per-point weights).
 
     Example:
         >>> from pyro_lvm import VAE
@@ -209,9 +223,11 @@ class LVMModule(pl.LightningModule):
         kl_control: Optional[KLControl] = None,
         latent_monitor: Union[bool, LatentMonitor] = True,
         fast_step: bool = True,
+        rename: Optional[dict[str, str]] = None,
+        data_plate: str = "data",
     ):
         super().__init__()
-        if _is_pair(model):
+        if is_pair_module(model):
             self.lvm = model
             model, guide = model.model, (model.guide if guide is None else guide)
         elif guide is None:
@@ -245,6 +261,9 @@ class LVMModule(pl.LightningModule):
                         f"dimension: use estimator 'reparam' or 'analytic_kl', not {estimator!r}."
                     )
                 options["kl_control"] = kl_control
+            cls = ESTIMATORS.get(estimator)
+            if data_plate != "data" and cls is not None and "data_plate" in inspect.signature(cls).parameters:
+                options.setdefault("data_plate", data_plate)  # the multi-sample estimators' per-point weights
             estimator = make_elbo(estimator, num_particles=num_particles, **options)
         elif num_particles != 1 or estimator_options:
             raise ValueError(
@@ -287,10 +306,19 @@ class LVMModule(pl.LightningModule):
                 "Use a pyro_lvm estimator (pyro_lvm.estimators.make_elbo) or beta=1."
             )
         self.lr = lr
-        # each callable gets the batch keys it accepts ("index" for a per-datapoint guide, ...)
-        self.objective = ELBOModule(_accepting(model), _accepting(guide), estimator)
+        # each callable gets the batch entries it names ("index" for a per-datapoint guide; an
+        # autoguide what its model takes): see pyro_lvm.pairs.call_keys
+        self._model_keys = call_keys(model)
+        self._guide_keys = call_keys(guide, model)
+        self.__dict__["_pair_model"] = model
+        self.rename = dict(rename or {})
+        self.data_plate = data_plate
+        self.objective = ELBOModule(accepting(model, self._model_keys), accepting(guide, self._guide_keys), estimator)
         self.fast_step = fast_step
-        self._model_keys = _call_spec(model)[0]
+        # the held-out ELBO and its terms, one running mean per stage and term (no state in checkpoints)
+        self.held_out = nn.ModuleDict()
+        self._enumerated: Optional[list] = None  # model sites summed out by enumeration (found at the first batch)
+        self._enum_elbo = None
         self._fast_elbo = None
         self._fast_for(estimator)
         self.pyro_params = nn.ParameterDict()
@@ -303,32 +331,51 @@ class LVMModule(pl.LightningModule):
             with torch.no_grad(), self._scope():
                 estimator.check(self.objective.model, self.objective.guide, example())
 
+    # ----- the trained pair, as a pair -------------------------------------------------
+    def model(self, *args, **kwargs):
+        """The pair's model, run with this module's parameters (its private parameter store).
+
+        Keyword arguments go by batch key (``rename`` applies) to the model's arguments it names,
+        so that every check takes the trained module as a pair:
+        ``pyro_lvm.evaluate(module, x)``, ``psis_khat(module, x=x)``, ``to_inference_data(module, x=x)``.
+        """
+        with self._scope():
+            return self.objective.model(*args, **{self.rename.get(k, k): v for k, v in kwargs.items()})
+
+    def guide(self, *args, **kwargs):
+        """The pair's guide, run with this module's parameters (see :meth:`model`)."""
+        with self._scope():
+            return self.objective.guide(*args, **{self.rename.get(k, k): v for k, v in kwargs.items()})
+
+    @property
+    def vectorization(self):
+        """How a multi-sample estimator runs its particles, decided on the first batch
+        (:class:`pyro_lvm.pairs.Vectorization`: truthy when vectorized, ``reason`` says why);
+        ``None`` for an estimator without that choice."""
+        return getattr(self.estimator, "vectorization", None)
+
     # ----- the pair's parameters --------------------------------------------------
     def _scope(self):
         return pyro.get_param_store().scope(state=self._param_state)
 
     def _inputs(self, batch: Any) -> tuple[tuple, dict, int]:
-        if isinstance(batch, torch.Tensor):
-            return (batch,), {}, batch.shape[0]
-        if isinstance(batch, dict):
-            x = batch["x"]
-            return (x,), {k: v for k, v in batch.items() if k != "x"}, x.shape[0]
-        if isinstance(batch, (tuple, list)):
-            return tuple(batch), {}, batch[0].shape[0]
-        raise TypeError(
-            f"Batches must be a tensor, a tuple or a dict with key 'x'; got {type(batch).__name__}."
-        )
+        return split_batch(batch, self.rename)
 
     @torch.no_grad()
     def initialize(self, batch: Any) -> None:
-        """Create lazily initialized parameters by one dry run of the pair on ``batch``.
+        """Create lazily initialized parameters by one dry run of the pair on ``batch``, and check the pair.
 
-        Afterwards every parameter the pair uses is a parameter of this module.
-        Safe to call more than once.
+        Afterwards every parameter the pair uses is a parameter of this module. The checks
+        refuse, before any training, a pair that would learn nothing from such batches
+        (:func:`pyro_lvm.pairs.check_arguments`) and a combination the estimator cannot work
+        on; a multi-particle estimator decides here whether its particles run vectorized
+        (see :attr:`vectorization`). Safe to call more than once.
         """
         args, kwargs, _ = self._inputs(batch)
         with self._scope():
-            elbo_terms(self.objective.model, self.objective.guide, *args, **kwargs)
+            model_trace, _ = _replayed_traces(self.objective.model, self.objective.guide, *args, **kwargs)
+            keys = list(batch) if isinstance(batch, dict) else ["x"]
+            check_arguments(self.__dict__["_pair_model"], keys, model_trace, self.rename, guide_keys=self._guide_keys)
             if hasattr(self.estimator, "check"):
                 self.estimator.check(self.objective.model, self.objective.guide, *args, **kwargs)
         owned = {id(p) for p in self.parameters()}
@@ -433,21 +480,43 @@ class LVMModule(pl.LightningModule):
         return loss
 
     def _evaluate(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
+        """One held-out batch: the ELBO's terms, added to the epoch's :class:`HeldOutMean` s."""
         args, kwargs, batch_size = self._inputs(batch)
         with self._scope():
             traces = _replayed_traces(self.objective.model, self.objective.guide, *args, **kwargs)
-        terms = _terms(*traces)
-        extra = getattr(getattr(self, "lvm", None), "evaluation_metrics", None)
-        if callable(extra):  # e.g. a flow's bits per dimension
-            terms.update(extra(terms))
+            if self._enumerated is None:
+                self._enumerated = enumerated_sites(*traces)
+            if self._enumerated:  # sites the model sums out: the ELBO of TraceEnum_ELBO, no separate terms
+                if self._enum_elbo is None:
+                    from pyro.infer import TraceEnum_ELBO
+
+                    self._enum_elbo = TraceEnum_ELBO()
+                enum = enumerated_elbo_parts(self.objective.model, self.objective.guide, args, kwargs,
+                                             self.data_plate, self._enum_elbo)
         if self.latent_monitor is not None and not self.trainer.sanity_checking:
             self.latent_monitor.update(*traces)
-        for key, value in terms.items():
-            self.log(
-                f"{stage}/{key}", value / batch_size, prog_bar=stage == "val" and key == "elbo",
-                batch_size=batch_size, sync_dist=True,
-            )
-        return terms
+        if self._enumerated:
+            local, shared = {"elbo": enum["elbo"]}, {"elbo": enum["global_elbo"]}
+        else:
+            parts = elbo_parts(*traces, data_plate=self.data_plate)
+            local = {"reconstruction": parts["reconstruction"], "kl": parts["kl"]}
+            shared = {"reconstruction": parts["global_reconstruction"], "kl": parts["global_kl"]}
+            for terms in (local, shared):
+                terms["elbo"] = terms["reconstruction"] - terms["kl"]
+        extra = getattr(getattr(self, "lvm", None), "evaluation_metrics", None)
+        if callable(extra):  # e.g. a flow's bits per dimension (linear in the terms)
+            local.update(extra(local))
+            shared.update(extra(shared))
+        for key, value in local.items():
+            name = f"{stage}/{key}"
+            key_ = name.replace("/", "_")
+            if key_ not in self.held_out:
+                self.held_out[key_] = HeldOutMean().to(value.device)
+            metric = self.held_out[key_]
+            metric.update(value.detach(), shared[key].detach(), batch_size)
+            self.log(name, metric, prog_bar=stage == "val" and key == "elbo", on_step=False, on_epoch=True,
+                     batch_size=batch_size, metric_attribute=f"held_out.{key_}")
+        return {key: value for key, value in local.items() if key in ("elbo", "reconstruction", "kl")}
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
         return self._evaluate(batch, "val")
@@ -618,11 +687,14 @@ def fit(
     latent_monitor: Union[bool, LatentMonitor] = True,
     seed: Optional[int] = 0,
     ckpt_path: Optional[str] = None,
+    rename: Optional[dict[str, str]] = None,
+    data_plate: str = "data",
     **trainer_kwargs: Any,
 ) -> LVMModule:
     """Train a model/guide pair in one call and return the trained :class:`LVMModule`.
 
-    The arguments from ``model`` to ``latent_monitor`` are those of :class:`LVMModule`.
+    The arguments from ``model`` to ``latent_monitor``, ``rename`` and ``data_plate`` are those
+    of :class:`LVMModule`.
 
     ``data`` is a Lightning data module or a tensor with one row per data point,
     of which a random tenth (seeded by ``seed``) is held out for the validation
@@ -663,6 +735,7 @@ def fit(
     module = LVMModule(
         model, guide, estimator=estimator, num_particles=num_particles, beta=beta, lr=lr,
         estimator_options=estimator_options, kl_control=kl_control, latent_monitor=latent_monitor,
+        rename=rename, data_plate=data_plate,
     )
     if ckpt_path is not None:
         load_checkpoint(ckpt_path)

@@ -31,6 +31,11 @@ def forward(layers, u):
     return u, ld
 
 
+def forward_map(layers):
+    """The composed map base -> x of ``layers`` as a plain function (for autograd's Jacobian)."""
+    return lambda u: forward(layers, u)[0]
+
+
 def inverse(layers, x):
     """Data-to-base pass through ``layers`` (a list in the generative direction)."""
     for t in reversed(list(layers)):

@@ -103,10 +103,10 @@ def test_chunked_streaming_equals_one_chunk_and_memory_is_bounded_by_the_chunk(l
     num = 1000
     noise = torch.randn(num, N, K, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     guide, state = noise_guide(lg, noise)
-    one = log_likelihood(make_model(lg), guide, lg["x"], num_particles=num, chunk_size=num)
+    one = log_likelihood(make_model(lg), guide, lg["x"], num_particles=num, chunk_size=num, vectorize_particles=True)
     assert state["max_particles"] == num
     guide, state = noise_guide(lg, noise)
-    chunked = log_likelihood(make_model(lg), guide, lg["x"], num_particles=num, chunk_size=64)
+    chunked = log_likelihood(make_model(lg), guide, lg["x"], num_particles=num, chunk_size=64, vectorize_particles=True)
     assert state["pos"] == num and state["max_particles"] == 64  # no tensor holds more than 64 particles
     assert torch.allclose(chunked.per_point, one.per_point, atol=1e-6, rtol=0)
     assert torch.allclose(chunked.ess, one.ess, rtol=1e-6)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from flow_checks import forward_map
 from pyro_lvm import VAE, LVMModule
 from pyro_lvm.estimators import Capacity, FreeBits, make_elbo
 from pyro_lvm.nets import MLP
@@ -39,13 +40,6 @@ def flow_vae(dtype=torch.float64, **flows):
     return perturb(vae).to(dtype)
 
 
-def forward_map(layers):
-    """The composed map base -> z as a plain function (for autograd's Jacobian)."""
-    def f(u):
-        for t in layers:
-            u = t(u)
-        return u
-    return f
 
 
 def by_hand_log_density(base_log_prob, layers, z):
@@ -231,7 +225,7 @@ def test_iwae_bound_is_above_the_elbo_with_flows():
     pyro.set_rng_seed(0)
     weights = make_elbo("iwae", num_particles=2000)
     with torch.no_grad():
-        log_w = weights.log_weights(*weights._traces(vae.model, vae.guide, (x,), {})[1:]).joint()  # (K, N)
+        log_w = weights.particle_weights(vae.model, vae.guide, x).joint()  # (K, N)
     elbo = log_w.mean(0)
     stderr = log_w.std(0) / math.sqrt(log_w.shape[0])
     iwae = torch.logsumexp(log_w, 0) - math.log(log_w.shape[0])
@@ -276,7 +270,7 @@ def fitted_elbo(posterior_flow, steps=300):
     pyro.set_rng_seed(0)
     weights = make_elbo("iwae", num_particles=4000)
     with torch.no_grad():
-        log_w = weights.log_weights(*weights._traces(vae.model, vae.guide, (x,), {})[1:]).joint()
+        log_w = weights.particle_weights(vae.model, vae.guide, x).joint()
     per_point = log_w.mean(0)
     return float(per_point.mean()), float((log_w.var(0) / log_w.shape[0]).sum().sqrt() / x.shape[0])
 

@@ -114,24 +114,29 @@ def test_to_inference_data_groups_dims_and_summary_match_the_guide():
 
     x = loc
     pyro.set_rng_seed(0)
-    num = 2000
-    idata = to_inference_data(model2, guide2, x, num_samples=num, chunk_size=600, batch_size=2)
+    num, chains = 2000, 4
+    idata = to_inference_data(model2, guide2, x, num_samples=num // chains, num_chains=chains, chunk_size=600,
+                              batch_size=2)
     assert set(idata.groups()) == {"posterior", "log_likelihood", "sample_stats", "observed_data"}
-    assert dict(idata.posterior["z"].sizes) == {"chain": 1, "draw": num, "obs": 3, "latent": 2}
-    assert dict(idata.log_likelihood["x"].sizes) == {"chain": 1, "draw": num, "obs": 3}
-    assert dict(idata.sample_stats["log_weight"].sizes) == {"chain": 1, "draw": num, "obs": 3}
+    assert dict(idata.posterior["z"].sizes) == {"chain": chains, "draw": num // chains, "obs": 3, "z_dim": 2}
+    assert dict(idata.log_likelihood["x"].sizes) == {"chain": chains, "draw": num // chains, "obs": 3}
+    assert dict(idata.sample_stats["log_weight"].sizes) == {"chain": chains, "draw": num // chains, "obs": 3}
     assert dict(idata.sample_stats["khat"].sizes) == {"obs": 3}
     np.testing.assert_array_equal(idata.observed_data["x"].values, x.numpy())
     # log_weight = log p(x | z) + log p(z) - log q(z | x), draw by draw
-    z = torch.as_tensor(idata.posterior["z"].values[0])
+    z = torch.as_tensor(idata.posterior["z"].values.reshape(num, 3, 2))
     log_prior = dist.Normal(0.0, 1.0).log_prob(z).sum(-1)
     log_q = dist.Normal(loc, scale).log_prob(z).sum(-1)
-    log_lik = torch.as_tensor(idata.log_likelihood["x"].values[0])
-    assert torch.allclose(torch.as_tensor(idata.sample_stats["log_weight"].values[0]), log_lik + log_prior - log_q)
+    log_lik = torch.as_tensor(idata.log_likelihood["x"].values.reshape(num, 3))
+    log_weight = torch.as_tensor(idata.sample_stats["log_weight"].values.reshape(num, 3))
+    assert torch.allclose(log_weight, log_lik + log_prior - log_q)
     assert torch.allclose(log_lik, dist.Normal(z, 1.0).log_prob(x).sum(-1))
     assert not torch.allclose(log_lik, log_prior)
 
-    summary = az.summary(idata, kind="stats", round_to="none")
+    summary = az.summary(idata, round_to="none")
+    # independent draws in independent chains: R-hat near 1, ESS near the number of draws
+    assert (np.abs(summary["r_hat"].to_numpy() - 1) < 0.01).all()
+    assert (summary["ess_bulk"].to_numpy() > 0.7 * num).all()
     means = summary["mean"].to_numpy().reshape(3, 2)
     sds = summary["sd"].to_numpy().reshape(3, 2)
     se = scale.numpy() / num**0.5

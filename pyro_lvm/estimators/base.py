@@ -8,9 +8,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from pyro import poutine
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.util import prune_subsample_sites
 
-__all__ = ["BetaMixin", "latent_sites"]
+from ..pairs import drawn_sites, latent_sites
+
+__all__ = ["BetaMixin", "latent_sites", "refuse_model_enumeration"]
 
 
 class _ScaleLatents(Messenger):
@@ -24,15 +25,6 @@ class _ScaleLatents(Messenger):
     def _pyro_sample(self, msg) -> None:
         if not msg["is_observed"] and (self.sites is None or msg["name"] in self.sites):
             msg["scale"] = msg["scale"] * self.beta
-
-
-def latent_sites(trace) -> dict:
-    """The unobserved sample sites of a trace, by name (subsample sites excluded)."""
-    return {
-        name: site
-        for name, site in prune_subsample_sites(trace).nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
-    }
 
 
 class BetaMixin:
@@ -102,6 +94,7 @@ class BetaMixin:
             )
         self._check_traces(model_trace, guide_trace, args, kwargs)
         self._checked = True
+        return model_trace, guide_trace
 
     def _check_once(self, model, guide, args, kwargs) -> None:
         if not self._checked:
@@ -126,7 +119,7 @@ def guide_order_matches_model(model_trace, guide_trace) -> bool:
 
 
 def _needs_rsample(estimator: str, guide_trace, alternatives: str) -> None:
-    for name, site in latent_sites(guide_trace).items():
+    for name, site in drawn_sites(guide_trace).items():
         if not site["fn"].has_rsample:
             raise ValueError(
                 f"'{estimator}' needs reparameterizable latents, but the guide's site {name!r} "
@@ -134,7 +127,22 @@ def _needs_rsample(estimator: str, guide_trace, alternatives: str) -> None:
             )
 
 
+def refuse_model_enumeration(estimator: str, model_trace, guide_trace) -> None:
+    """Refuse model sites marked for enumeration that the guide does not draw: only 'enum' sums them out."""
+    marked = sorted(
+        name for name, site in latent_sites(model_trace).items()
+        if name not in guide_trace.nodes and site["infer"].get("enumerate") == "parallel"
+    )
+    if marked:
+        raise ValueError(
+            f"The model marks {', '.join(map(repr, marked))} for enumeration (infer={{'enumerate': 'parallel'}}, "
+            f"or config_enumerate) and the guide does not draw it: only estimator 'enum' (TraceEnum_ELBO) sums it "
+            f"out; '{estimator}' would draw it from the prior, whatever the data say. Use 'enum'."
+        )
+
+
 def _guide_covers_model(estimator: str, model_trace, guide_trace) -> None:
+    refuse_model_enumeration(estimator, model_trace, guide_trace)
     missing = sorted(set(latent_sites(model_trace)) - set(latent_sites(guide_trace)))
     if missing:
         raise ValueError(

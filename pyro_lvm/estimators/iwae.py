@@ -6,8 +6,9 @@ from typing import Optional
 
 import torch
 
-from .base import _guide_covers_model, _needs_rsample, latent_sites
-from .particles import ParticleELBO, log_mean_exp
+from ..pairs import drawn_sites
+from .base import _guide_covers_model, _needs_rsample
+from .particles import LogWeights, ParticleELBO, log_mean_exp
 
 __all__ = ["IWAEELBO", "DReGELBO"]
 
@@ -68,8 +69,7 @@ class IWAEELBO(ParticleELBO):
         _needs_rsample(self._name, guide_trace, _DISCRETE_ALTERNATIVES)
 
     def _surrogate(self, model, guide, args, kwargs):
-        _, model_trace, guide_trace = self._traces(model, guide, args, kwargs)
-        weights = self.log_weights(model_trace, guide_trace)
+        weights = self.particle_weights(model, guide, *args, **kwargs)
         bound = weights.total(log_mean_exp(weights.joint(), weights.particle_dim))
         return bound, bound
 
@@ -101,8 +101,15 @@ class PathDerivativeMixin:
     """
 
     def _path_terms(self, model, guide, args, kwargs, scale_grads: bool):
+        """The log weights with path-only guide densities, and per run the gradient holders of each
+        latent (with the number of dims of its value), for :class:`DReGELBO` to fill."""
+        self._check_once(model, guide, args, kwargs)
+        runs = self._over_particles(lambda: self._path_run(model, guide, args, kwargs, scale_grads))
+        return LogWeights.cat([weights for weights, _ in runs]), [extra for _, extra in runs]
+
+    def _path_run(self, model, guide, args, kwargs, scale_grads: bool):
         wrapped, guide_trace = self._run_guide(model, guide, args, kwargs)
-        latents = latent_sites(guide_trace)
+        latents = drawn_sites(guide_trace)  # an autoguide's auxiliary draws carry its density
         holders = {}
         values = {}
         for name, site in latents.items():
@@ -130,7 +137,7 @@ class PathDerivativeMixin:
                 model_guide_trace.nodes[name] = dict(guide_trace.nodes[name], value=values[name])
         model_trace = self._run_model(model, model_guide_trace, args, kwargs)
         weights = self.log_weights(model_trace, guide_trace, guide_log_probs=path)
-        return weights, holders, {n: values[n].dim() for n in latents}
+        return weights, (holders, {n: (values[n].dim(), len(latents[n]["fn"].event_shape)) for n in latents})
 
 
 class DReGELBO(PathDerivativeMixin, IWAEELBO):
@@ -182,12 +189,18 @@ class DReGELBO(PathDerivativeMixin, IWAEELBO):
     _name = "dreg"
 
     def _surrogate(self, model, guide, args, kwargs):
-        weights, holders, dims = self._path_terms(model, guide, args, kwargs, scale_grads=True)
+        weights, runs = self._path_terms(model, guide, args, kwargs, scale_grads=True)
         log_w = weights.joint()
-        bound = weights.total(log_mean_exp(log_w, weights.particle_dim))
+        pd = weights.particle_dim
+        bound = weights.total(log_mean_exp(log_w, pd))
         if bound.requires_grad:
-            normalized = torch.softmax(log_w.detach(), dim=weights.particle_dim)
-            for name, holder in holders.items():
-                extra = dims[name] - normalized.dim()  # the site's event dims
-                holder["weight"] = normalized.reshape(normalized.shape + (1,) * extra)
+            normalized = torch.softmax(log_w.detach(), dim=pd)
+            size = normalized.shape[pd] // len(runs)  # particles per run: all, or one
+            for k, (holders, dims) in enumerate(runs):
+                share = normalized.narrow(pd, k * size, size)
+                for name, holder in holders.items():
+                    value_dim, event_dim = dims[name]
+                    weight = share.reshape(share.shape + (1,) * event_dim)
+                    # a run without particles has fewer dims on the left: drop those (of size 1)
+                    holder["weight"] = weight.reshape(weight.shape[max(weight.dim() - value_dim, 0):])
         return bound, bound

@@ -22,7 +22,7 @@ from pyro.distributions import Independent, TransformedDistribution
 from pyro.distributions.kl import kl_divergence
 
 from ..schedules import Constant, Schedule
-from .base import latent_sites
+from ..pairs import auxiliary_sites, latent_sites
 
 __all__ = ["KLControl", "Capacity", "FreeBits", "kl_per_variable", "kl_per_variable_mc"]
 
@@ -288,6 +288,14 @@ class KLControlMixin:
     def _check_kl_control(self, model_trace, guide_trace, estimator: str) -> None:
         if self.kl_control is None:
             return
+        auxiliary = auxiliary_sites(guide_trace)
+        if auxiliary:
+            raise ValueError(
+                f"kl_control (free bits, capacity) needs the guide's density per latent dimension, but the guide "
+                f"(an autoguide) keeps it on the auxiliary site(s) {sorted(auxiliary)} and returns each latent as a "
+                "Delta. Use a guide that draws its latents directly (pyro_lvm.guides.AmortizedGuide, a hand-written "
+                "guide), or drop kl_control (beta still weighs the KL)."
+            )
         model_latents = latent_sites(model_trace)
         for name, site in latent_sites(guide_trace).items():
             p = model_latents[name]["fn"] if name in model_latents else None

@@ -16,10 +16,10 @@ bound.
 
 from __future__ import annotations
 
+import logging
 import math
-from typing import Callable, NamedTuple, Optional, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
-import pyro
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
@@ -28,11 +28,15 @@ from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
+from ..pairs import (
+    PARTICLES, Vectorization, check_vectorization, data_frames, is_local, subsample_scale, vectorization_advice,
+    with_particles,
+)
 from .base import BetaMixin
 
-__all__ = ["ParticleELBO", "LogWeights"]
+__all__ = ["ParticleELBO", "LogWeights", "PARTICLES"]
 
-PARTICLES = "num_particles_vectorized"
+_log = logging.getLogger("pyro_lvm")
 
 
 class LogWeights(NamedTuple):
@@ -70,6 +74,18 @@ class LogWeights(NamedTuple):
         """Sum a per-data-point quantity (``joint()``-shaped, particles reduced) over the batch."""
         return (self.data_scale if self.factorizes else 1.0) * per_point.sum()
 
+    @staticmethod
+    def cat(parts: Sequence["LogWeights"]) -> "LogWeights":
+        """The weights of several runs (e.g. one particle each) as one, along the particle dim."""
+        first = parts[0]
+        if len(parts) == 1:
+            return first
+        pd = first.particle_dim
+        return first._replace(**{
+            key: torch.cat([getattr(part, key) for part in parts], pd)
+            for key in ("local", "other", "local_q", "other_q")
+        })
+
 
 def _sum_except(value: torch.Tensor, keep: int) -> torch.Tensor:
     dims = [d for d in range(-value.dim(), 0) if d != keep]
@@ -98,7 +114,14 @@ class ParticleELBO(BetaMixin, ELBO):
         num_particles: particles ``K`` per data point.
         beta: weight of the latent sites' log-densities (see :mod:`pyro_lvm.estimators`).
         beta_sites: latent sites that ``beta`` applies to (default: all).
-        vectorize_particles: must be ``True`` (the weights of all particles are needed at once).
+        vectorize_particles: ``True``: all particles in one pass, inside a plate of
+            ``num_particles`` left of the pair's plates (the model must broadcast over it, as
+            models written with ``pyro.plate`` and ``...`` indexing do); ``False``: one pass per
+            particle, for a model written for exactly the batch's shape (boolean indexing,
+            ``view(batch_size, -1)``); ``None`` (default): decided by :meth:`check` on the first
+            batch with :func:`pyro_lvm.pairs.check_vectorization`, which compares one vectorized
+            run with one run per particle (:attr:`vectorization` says which path and why). One
+            particle never adds a particle dimension.
         max_plate_nesting: as in Pyro; guessed by a dry run if ``None``.
         data_plate: the plate of independent data points (default ``"data"``); if
             the pair has no plate of that name, the plates that every site is in.
@@ -111,16 +134,12 @@ class ParticleELBO(BetaMixin, ELBO):
         num_particles: int = 1,
         beta: float = 1.0,
         beta_sites: Optional[Sequence[str]] = None,
-        vectorize_particles: bool = True,
+        vectorize_particles: Optional[bool] = None,
         max_plate_nesting: Optional[int] = None,
         data_plate: str = "data",
     ):
-        if not vectorize_particles:
-            raise ValueError(
-                f"{type(self).__name__} always draws its particles in one vectorized pass; "
-                "drop vectorize_particles=False (the model must broadcast over a leading "
-                "particle dimension, as models written with pyro.plate do)."
-            )
+        if vectorize_particles not in (None, True, False):
+            raise ValueError(f"vectorize_particles must be True, False or None (decide); got {vectorize_particles!r}.")
         super().__init__(num_particles, beta, beta_sites, False, max_plate_nesting)
         if num_particles < self.min_particles:
             raise ValueError(
@@ -128,6 +147,12 @@ class ParticleELBO(BetaMixin, ELBO):
                 f"got {num_particles}."
             )
         self.data_plate = data_plate
+        # not Pyro's own vectorize_particles attribute, which sizes max_plate_nesting for its plate
+        self.vectorize_choice = vectorize_particles
+        #: how the particles run, once decided (see ``vectorize_particles``)
+        self.vectorization: Optional[Vectorization] = None
+        self._plate_size: Optional[int] = None
+        self._ran_vectorized = False  # a forced vectorized run that succeeded once needs no more care
 
     def check(self, model: Callable, guide: Callable, *args, **kwargs) -> None:
         super().check(model, guide, *args, **kwargs)
@@ -135,16 +160,88 @@ class ParticleELBO(BetaMixin, ELBO):
         # training step, so a resumed run draws the same random numbers
         if self.max_plate_nesting == float("inf"):
             self._guess_max_plate_nesting(model, guide, args, kwargs)
+        self.decide_vectorization(model, guide, args, kwargs)
+
+    def decide_vectorization(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Vectorization:
+        """Decide (once per pair) whether the particles run in one vectorized pass, and say why.
+
+        ``vectorize_particles=None`` runs :func:`pyro_lvm.pairs.check_vectorization` on this
+        batch (and logs a warning naming the site and what to change in the model when the
+        particles must run one at a time); ``True`` and ``False`` force a path without a check,
+        as does one particle (which has no particle dimension).
+        """
+        name = type(self).__name__
+        if self.num_particles == 1:
+            result = Vectorization(False, "one particle: no particle dimension")
+        elif self.vectorize_choice is not None:
+            result = Vectorization(self.vectorize_choice, f"vectorize_particles={self.vectorize_choice}")
+        else:
+            if self.max_plate_nesting == float("inf"):
+                self._guess_max_plate_nesting(model, guide, args, kwargs)
+            result = check_vectorization(model, guide, args, kwargs, int(self.max_plate_nesting))
+            if result:
+                result.reason = "the pair broadcasts over a leading particle dimension"
+            else:
+                _log.warning("pyro_lvm: %s runs its %d particles one at a time (%d passes of the pair per step). %s",
+                             name, self.num_particles, self.num_particles, vectorization_advice(result))
+        self.vectorization = result
+        return result
+
+    @property
+    def vectorized(self) -> bool:
+        """Whether the particles run in one vectorized pass (decided by :meth:`decide_vectorization`)."""
+        if self.vectorization is None:
+            return bool(self.vectorize_choice) and self.num_particles > 1
+        return bool(self.vectorization)
 
     # ----- traces ---------------------------------------------------------------------
     def _particles(self, fn: Callable) -> Callable:
-        dim = -(self.max_plate_nesting + 1)
+        return with_particles(fn, self._plate_size, int(self.max_plate_nesting))
 
-        def particles(*args, **kwargs):
-            with pyro.plate(PARTICLES, self.num_particles, dim=dim):
-                return fn(*args, **kwargs)
+    def _over_particles(self, run: Callable[[], Any]) -> list:
+        """``run()`` once with the particles vectorized, or once per particle without a particle dim."""
+        if self.vectorized:
+            self._plate_size = self.num_particles
+            if self.vectorize_choice is not True or self._ran_vectorized:
+                return [run()]
+            try:  # forced without a check: a pair that does not broadcast fails at its first run, say why
+                out = [run()]
+            except Exception as err:
+                result = Vectorization(False, f"the pair raised {type(err).__name__} inside the particle plate ({err})")
+                raise ValueError(f"{type(self).__name__}: " + vectorization_advice(result)) from err
+            self._ran_vectorized = True
+            return out
+        self._plate_size = None
+        return [run() for _ in range(self.num_particles)]
 
-        return particles
+    def _runs(self, model, guide, args, kwargs, read: Callable) -> list:
+        """``read(model_trace, guide_trace)`` of each run of the pair (see :meth:`_over_particles`)."""
+        self._check_once(model, guide, args, kwargs)
+
+        def once():
+            _, model_trace, guide_trace = self._traces(model, guide, args, kwargs)
+            return read(model_trace, guide_trace)
+
+        return self._over_particles(once)
+
+    def particle_weights(self, model: Callable, guide: Callable, *args, **kwargs) -> "LogWeights":
+        r"""The log weights :math:`\log p(x, z^{(k)}) - \log q(z^{(k)} \mid x)` of ``num_particles`` draws.
+
+        One vectorized run or one run per particle, as :meth:`decide_vectorization` decided;
+        ``.joint()`` is ``(K, ..., B)`` for a pair whose weights factorize over data points.
+
+        Example:
+            >>> import pyro, pyro.distributions as dist, torch
+            >>> def model(x):
+            ...     with pyro.plate("data", len(x)):
+            ...         pyro.sample("x", dist.Normal(pyro.sample("z", dist.Normal(0., 1.)), 1.), obs=x)
+            >>> def guide(x):
+            ...     with pyro.plate("data", len(x)):
+            ...         pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5))
+            >>> tuple(ParticleELBO(num_particles=7).particle_weights(model, guide, torch.zeros(3)).joint().shape)
+            (7, 3)
+        """
+        return LogWeights.cat(self._runs(model, guide, args, kwargs, self.log_weights))
 
     def _wrap_guide(self, guide: Callable) -> Callable:
         """Hook for subclasses (e.g. hide ``rsample`` for score-function estimators)."""
@@ -195,16 +292,6 @@ class ParticleELBO(BetaMixin, ELBO):
         return prune_subsample_sites(replayed)
 
     # ----- log weights ------------------------------------------------------------------
-    def _data_frames(self, sites: list) -> frozenset:
-        frames = [
-            frozenset(f for f in site["cond_indep_stack"] if f.vectorized and f.name != PARTICLES)
-            for site in sites
-        ]
-        named = {f for fs in frames for f in fs if f.name == self.data_plate}
-        if named:
-            return frozenset(named)
-        return frozenset.intersection(*frames) if frames else frozenset()
-
     def log_weights(
         self,
         model_trace,
@@ -227,11 +314,9 @@ class ParticleELBO(BetaMixin, ELBO):
             for site in trace.nodes.values()
             if site["type"] == "sample" and (sign > 0 or not site["is_observed"])
         ]
-        data_frames = self._data_frames([site for _, site in sites])
-        keep = (particle_dim, *sorted(f.dim for f in data_frames))
-        data_scale = 1.0
-        for frame in data_frames:
-            data_scale *= frame.full_size / frame.size if frame.full_size else 1.0
+        frames = data_frames([site for _, site in sites], self.data_plate)
+        keep = (particle_dim, *sorted(f.dim for f in frames))
+        data_scale = subsample_scale(frames)
         parts: dict[str, list] = {"local": [], "other": [], "local_q": [], "other_q": []}
         for sign, site in sites:
             if site["name"] in overrides[sign]:
@@ -240,10 +325,10 @@ class ParticleELBO(BetaMixin, ELBO):
                 log_p = site["unscaled_log_prob"]
             else:
                 log_p = site["fn"].log_prob(site["value"], *site["args"], **site["kwargs"])
-            is_local = bool(data_frames) and data_frames <= set(site["cond_indep_stack"])
-            scale = site["scale"] / data_scale if is_local else site["scale"]
-            dims = keep if is_local else (particle_dim,)
-            kind = "local" if is_local else "other"
+            local = is_local(site, frames)
+            scale = site["scale"] / data_scale if local else site["scale"]
+            dims = keep if local else (particle_dim,)
+            kind = "local" if local else "other"
             parts[kind].append(_reduce(scale_and_mask(sign * log_p, scale, site["mask"]), dims, ndim))
             if sign < 0:
                 parts[kind + "_q"].append(_reduce(scale_and_mask(log_p, 1.0, site["mask"]), dims, ndim))

@@ -11,7 +11,7 @@ from pyro.poutine.messenger import Messenger
 
 from ..schedules import Constant, Schedule
 from .base import _guide_covers_model, latent_sites
-from .particles import ParticleELBO
+from .particles import LogWeights, ParticleELBO
 
 __all__ = ["RelaxedELBO"]
 
@@ -123,7 +123,7 @@ class RelaxedELBO(ParticleELBO):
         beta_sites: Optional[Sequence[str]] = None,
         temperature: Union[float, Schedule] = 0.5,
         straight_through: bool = False,
-        vectorize_particles: bool = True,
+        vectorize_particles: Optional[bool] = None,
         max_plate_nesting: Optional[int] = None,
         data_plate: str = "data",
     ):
@@ -158,7 +158,13 @@ class RelaxedELBO(ParticleELBO):
         return name not in self._guide_relax.originals
 
     def _surrogate(self, model, guide, args, kwargs):
-        _, model_trace, guide_trace = self._traces(model, guide, args, kwargs)
+        weights = LogWeights.cat(self._runs(model, guide, args, kwargs, self._relaxed_weights))
+        log_w = weights.joint()
+        bound = weights.total(log_w.mean(weights.particle_dim, keepdim=True))
+        return bound, bound
+
+    def _relaxed_weights(self, model_trace, guide_trace) -> LogWeights:
+        """One run's log weights, the relaxed sites' KL in closed form (in the model's terms)."""
         model_kl, guide_zero = {}, {}
         for name, q in self._guide_relax.originals.items():
             p = self._model_relax.originals.get(name)
@@ -169,10 +175,7 @@ class RelaxedELBO(ParticleELBO):
                 )
             model_kl[name] = -kl_divergence(q, p)
             guide_zero[name] = torch.zeros_like(model_kl[name])
-        weights = self.log_weights(model_trace, guide_trace, guide_zero, model_kl)
-        log_w = weights.joint()
-        bound = weights.total(log_w.mean(weights.particle_dim, keepdim=True))
-        return bound, bound
+        return self.log_weights(model_trace, guide_trace, guide_zero, model_kl)
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
         _guide_covers_model(self._name, model_trace, guide_trace)

@@ -6,11 +6,14 @@ from typing import Literal, Optional, Sequence
 
 import pyro
 import torch
+from pyro.distributions import Delta
 from pyro.distributions.torch_distribution import TorchDistribution
 from pyro.poutine.messenger import Messenger
 from torch import nn
 
+from ..pairs import auxiliary_sites, latent_sites
 from .base import _guide_covers_model
+from .kl_control import _unwrap
 from .particles import LogWeights, ParticleELBO
 
 __all__ = ["ScoreFunctionELBO", "NVILBaseline"]
@@ -63,6 +66,32 @@ class _ScoreFunctionGuide(Messenger):
     def _pyro_sample(self, msg) -> None:
         if not msg["is_observed"] and msg["fn"].has_rsample:
             msg["fn"] = _ScoreFunctionOnly(msg["fn"])
+
+
+def _is_point_mass(fn) -> bool:
+    """A ``Delta`` without a density of its own (``log_density`` 0), as ``AutoDelta`` returns."""
+    base = _unwrap(fn)[0]
+    if not isinstance(base, Delta):
+        return False
+    log_density = base.log_density
+    return not isinstance(log_density, torch.Tensor) or not bool(log_density.ne(0).any())
+
+
+def refuse_point_estimates(estimator: str, guide_trace) -> None:
+    r"""Refuse guide sites that are point masses (``Delta`` without an auxiliary draw, e.g. ``AutoDelta``).
+
+    A score-function gradient :math:`\mathbb E_q[\ell \nabla \log q]` needs a density to score;
+    a point mass has none, so its location would get no gradient at all.
+    """
+    if auxiliary_sites(guide_trace):
+        return  # an autoguide's Deltas over auxiliary draws: the draws carry the density and are scored
+    points = sorted(name for name, site in latent_sites(guide_trace).items() if _is_point_mass(site["fn"]))
+    if points:
+        raise ValueError(
+            f"'{estimator}' scores the guide's density, but the guide's site(s) {', '.join(map(repr, points))} are "
+            "point masses (Delta, e.g. AutoDelta: a MAP estimate), which have none: their location would get no "
+            "gradient. Use 'reparam' (MAP for those sites), or a guide with a density (AutoNormal)."
+        )
 
 
 class NVILBaseline(nn.Module):
@@ -171,7 +200,7 @@ class ScoreFunctionELBO(ParticleELBO):
         baseline_beta: float = 0.9,
         baseline_lr: float = 3e-3,
         baseline_hidden: int = 100,
-        vectorize_particles: bool = True,
+        vectorize_particles: Optional[bool] = None,
         max_plate_nesting: Optional[int] = None,
         data_plate: str = "data",
     ):
@@ -205,6 +234,7 @@ class ScoreFunctionELBO(ParticleELBO):
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
         _guide_covers_model(self._name, model_trace, guide_trace)
+        refuse_point_estimates(self._name, guide_trace)
         if self.baseline_net is not None:
             x = args[0] if args else None
             if not isinstance(x, torch.Tensor) or x.dim() == 0:
@@ -252,8 +282,7 @@ class ScoreFunctionELBO(ParticleELBO):
         return self._average("local", local.mean()), b_other, b_total, zero
 
     def _surrogate(self, model, guide, args, kwargs):
-        _, model_trace, guide_trace = self._traces(model, guide, args, kwargs)
-        weights = self.log_weights(model_trace, guide_trace)
+        weights = self.particle_weights(model, guide, *args, **kwargs)
         k = self.num_particles
         scale = weights.data_scale
         bound = (scale * weights.local.sum() + weights.other.sum()) / k

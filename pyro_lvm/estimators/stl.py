@@ -42,7 +42,7 @@ class STLELBO(PathDerivativeMixin, IWAEELBO):
     _name = "stl"
 
     def _surrogate(self, model, guide, args, kwargs):
-        weights, _, _ = self._path_terms(model, guide, args, kwargs, scale_grads=False)
+        weights, _ = self._path_terms(model, guide, args, kwargs, scale_grads=False)
         log_w = weights.joint()
         bound = weights.total(log_w.mean(weights.particle_dim, keepdim=True))
         return bound, bound

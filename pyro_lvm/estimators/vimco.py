@@ -8,7 +8,7 @@ import torch
 
 from .base import _guide_covers_model
 from .particles import ParticleELBO, _sum_except, log_mean_exp
-from .score_function import _ScoreFunctionGuide
+from .score_function import _ScoreFunctionGuide, refuse_point_estimates
 
 __all__ = ["VIMCOELBO"]
 
@@ -59,13 +59,13 @@ class VIMCOELBO(ParticleELBO):
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
         _guide_covers_model(self._name, model_trace, guide_trace)
+        refuse_point_estimates(self._name, guide_trace)
 
     def _wrap_guide(self, guide):
         return _ScoreFunctionGuide()(guide)
 
     def _surrogate(self, model, guide, args, kwargs):
-        _, model_trace, guide_trace = self._traces(model, guide, args, kwargs)
-        weights = self.log_weights(model_trace, guide_trace)
+        weights = self.particle_weights(model, guide, *args, **kwargs)
         log_w = weights.joint()
         pd = weights.particle_dim
         bound_i = log_mean_exp(log_w, pd)

@@ -159,7 +159,10 @@ def realnvp(
 
     With ``actnorm=True`` an :class:`~pyro_lvm.flows.ActNorm` over the features precedes
     each coupling in the data-to-base direction; initialize them from data with
-    :func:`initialize_actnorm` (which reaches the ones inside a ``FactorOut``). With
+    :func:`initialize_actnorm` (which reaches the ones inside a ``FactorOut``). In a prior or
+    a guide, whose first input is a draw of the base, they need no such step: a first input with
+    too few values per feature to estimate a mean and a standard deviation (one draw, a small
+    batch) leaves them at the identity (see :class:`~pyro_lvm.flows.ActNorm`). With
     ``conv1x1=True`` an :class:`~pyro_lvm.flows.InvertibleConv1x1` (Glow) mixes the
     features just before each coupling (after its ActNorm), on top of the alternating
     parities.
