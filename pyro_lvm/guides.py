@@ -22,7 +22,7 @@ from torch import nn
 from torch.distributions import biject_to
 from torch.nn.functional import softplus
 
-from .pairs import accepting as _accepting
+from .pairs import accepting, call_keys
 
 __all__ = ["AmortizedGuide", "PerDatapointGuide", "SemiAmortizedGuide", "with_global_autoguide"]
 
@@ -239,7 +239,7 @@ class PerDatapointGuide(PyroModule):
         self.own_lr = own_lr
         self.eval_steps = eval_steps
         self.eval_lr = eval_lr
-        self.__dict__["_create_plate"] = None if create_plate is None else _accepting(create_plate)
+        self.__dict__["_create_plate"] = None if create_plate is None else accepting(create_plate)
         self.__dict__["_model"] = None
         self.__dict__["_sites"] = None
         self.locs = nn.ParameterDict()
@@ -273,7 +273,7 @@ class PerDatapointGuide(PyroModule):
                 "(which attach it), or call guide.attach(model) first."
             )
         with poutine.block(), torch.no_grad():
-            trace = poutine.trace(_accepting(self.model)).get_trace(*args, **kwargs)
+            trace = poutine.trace(accepting(self.model)).get_trace(*args, **kwargs)
         sites = []
         for name, site in trace.iter_stochastic_nodes():
             frames = [f for f in site["cond_indep_stack"] if f.vectorized]
@@ -390,7 +390,7 @@ class PerDatapointGuide(PyroModule):
     def _fit_fresh(
         self, args: tuple, kwargs: dict, batch: int, steps: int
     ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        model = _accepting(self.model)
+        model = accepting(self.model)
         dtype, device = self.__dict__["_dtype_device"]
         if args and isinstance(args[0], torch.Tensor):
             device = args[0].device  # the module may have moved since the model was traced
@@ -592,7 +592,7 @@ class SemiAmortizedGuide(PyroModule):
         self, args: tuple, kwargs: dict, create_graph: bool
     ) -> tuple[Trace, dict[str, dist.TorchDistribution]]:
         with poutine.block():
-            base_trace = poutine.trace(_accepting(self.base)).get_trace(*args, **kwargs)
+            base_trace = poutine.trace(accepting(self.base)).get_trace(*args, **kwargs)
         sites = {}  # name -> (loc, log scale, reinterpreted dims)
         for name, site in base_trace.iter_stochastic_nodes():
             if site_is_subsample(site):
@@ -608,7 +608,7 @@ class SemiAmortizedGuide(PyroModule):
                 )
             loc, scale = torch.broadcast_tensors(fn.loc, fn.scale)
             sites[name] = (loc, scale.log(), event_dims)
-        model = _accepting(self.model)
+        model = accepting(self.model)
         lam = {}
         for name, (loc, log_scale, _) in sites.items():
             lam[name] = [t if create_graph and t.requires_grad else t.detach().requires_grad_()
@@ -658,7 +658,7 @@ class SemiAmortizedGuide(PyroModule):
             if name not in refined:
                 rest.add_node(name, **site)
         with _Replace(refined):
-            return poutine.replay(_accepting(self.base), trace=rest)(*args, **kwargs)
+            return poutine.replay(accepting(self.base), trace=rest)(*args, **kwargs)
 
     def extra_repr(self) -> str:
         return f"num_steps={self.num_steps}, step_size={self.step_size}, differentiable={self.differentiable}"
@@ -725,7 +725,7 @@ def with_global_autoguide(
         ['w', 'z']
         >>> loss = pyro.infer.Trace_ELBO().differentiable_loss(model, guide, torch.randn(8, 2))
     """
-    model_fn = _accepting(model)
+    model_fn = accepting(model)
 
     def is_local(msg) -> bool:
         return msg["type"] == "sample" and any(f.name == plate for f in msg["cond_indep_stack"])
@@ -739,13 +739,15 @@ def with_global_autoguide(
     if isinstance(local_guide, AutoGuide):
         guide.append(local_guide)
     else:
-        local_fn = _accepting(local_guide)
+        local_fn = accepting(local_guide)
 
         def sample_local(*args, **kwargs) -> dict[str, torch.Tensor]:
             # AutoGuideList merges the parts' dicts of samples; a guide may return anything
             trace = poutine.trace(local_fn).get_trace(*args, **kwargs)
             return {name: site["value"] for name, site in trace.iter_stochastic_nodes()
                     if not site_is_subsample(site)}
+
+        sample_local.call_keys = call_keys(local_guide, model)  # e.g. "index" for a PerDatapointGuide
 
         part = AutoCallable(model_fn, sample_local)
         if isinstance(local_guide, nn.Module):

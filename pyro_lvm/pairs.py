@@ -154,13 +154,16 @@ def call_keys(fn: Callable, model: Optional[Callable] = None) -> frozenset:
     from pyro.infer.autoguide import AutoCallable, AutoGuide, AutoGuideList
 
     fn = _unwrap(fn)
+    declared = getattr(fn, "call_keys", None)  # a callable that says what it takes (see accepting)
+    if isinstance(declared, (set, frozenset)):
+        return frozenset(declared)
     if isinstance(fn, AutoGuideList):
         keys = call_keys(fn.model)
         for part in fn:
             keys = keys | call_keys(part)
         return keys
     if isinstance(fn, AutoCallable):
-        return call_keys(fn.model) | call_keys(fn.__dict__["_guide"], fn.model)
+        return call_keys(fn.model) | call_keys(getattr(fn, "_guide"), fn.model)
     if isinstance(fn, AutoGuide):
         return call_keys(fn.model)
     names, var_kw = _signature(fn)

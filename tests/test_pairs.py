@@ -191,6 +191,9 @@ def test_an_autoguide_gets_what_its_model_takes_and_a_kwargs_guide_does_not_get_
     assert call_keys(AutoGuideList(model)) == {"x", "y"}
     assert call_keys(guide, model) == {"x", "y"}  # not "index", which neither names
     assert call_keys(poutine.block(model, hide=["z"])) == {"x", "y"}
+    # a per-datapoint guide of the local latents inside an autoguide of the global ones still gets "index"
+    local = pyro_lvm.PerDatapointGuide(num_data=10).attach(model)
+    assert call_keys(pyro_lvm.with_global_autoguide(model, local)) == {"x", "y", "index"}
     _, kwargs, n = split_batch({"x": torch.zeros(3, 1), "y": torch.ones(3), "index": torch.arange(3)}, {"y": "ys"})
     assert set(kwargs) == {"ys", "index"} and n == 3
 
