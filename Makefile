@@ -18,8 +18,9 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/pyro-lvm fit
 
+# the suite in two worker processes (pytest-xdist; a test file stays in one worker): ~9 min on 2 cores
 test: $(VENV)/.installed
-	$(PY) -m pytest -q --doctest-modules pyro_lvm tests
+	$(PY) -m pytest -q --doctest-modules -n auto --maxprocesses 4 --dist loadfile pyro_lvm tests
 
 # Long runs on full MNIST; data from ../shared/data unless PYRO_LVM_DATA says otherwise.
 test-slow: $(VENV)/.installed

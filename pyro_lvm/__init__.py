@@ -6,8 +6,8 @@ and train with :func:`fit` or ``pyro-lvm fit``.
 """
 
 from . import (
-    data, diagnostics, estimators, evaluation, flows, guides, likelihoods, monitoring, nets, pairs, plots,
-    posterior_checks, schedules,
+    callbacks, data, diagnostics, estimators, evaluation, flows, guides, likelihoods, monitoring, nets, pairs,
+    plots, posterior_checks, runs, schedules,
 )
 from .estimators import make_elbo
 from .evaluation import evaluate, log_likelihood
@@ -40,6 +40,7 @@ __all__ = [
     "PerDatapointGuide",
     "SemiAmortizedGuide",
     "with_global_autoguide",
+    "callbacks",
     "data",
     "diagnostics",
     "estimators",
@@ -52,5 +53,6 @@ __all__ = [
     "pairs",
     "plots",
     "posterior_checks",
+    "runs",
     "schedules",
 ]

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
+from .callbacks import RunCheckpoint, use_run_checkpoint
 from .checkpoints import load_checkpoint, load_run
 from .plots import (
     _save_tiles,
@@ -55,6 +56,7 @@ from .plots import (
     plot_samples,
     plot_traversals,
 )
+from .runs import check_run_folder, claim_version, release_if_empty, version_folder
 from .training import LVMModule
 
 __all__ = [
@@ -256,12 +258,19 @@ class _Parser(LightningArgumentParser):
         unknown += [("", key) for key in re.findall(r"unrecognized arguments:.*?--([\w.]+)", message)]
         for subcommand, key in unknown:
             parser = self._subcommands_action._name_parser_map[subcommand] if subcommand else self
-            valid = _valid_keys(parser, key)
-            close = difflib.get_close_matches(key.rsplit(".", 1)[-1], valid, n=1)
+            # the deepest level of the key that exists: its first unknown part is the one to name
+            parts = key.split(".")
+            depth = len(parts) - 1
+            while depth > 0 and not _valid_keys(parser, ".".join(parts[:depth]) + ".x"):
+                depth -= 1
+            valid = _valid_keys(parser, ".".join(parts[:depth] + ["x"]))
+            wrong = parts[depth]
+            close = difflib.get_close_matches(wrong, valid, n=1)
+            where = "there" if depth else "at the top level"
             hints.append(
-                f"Unknown key '{key}'."
+                f"Unknown key '{key}'" + (f" ('{wrong}')" if wrong != key else "") + "."
                 + (f" Did you mean '{close[0]}'?" if close else "")
-                + f" Valid keys there: {', '.join(valid)}."
+                + f" Valid keys {where}: {', '.join(valid)}."
             )
         for class_path, option in re.findall(
             r"class_path '([\w.]+)'[^\n]*\n\s*Option '(\w+)' is not accepted", message
@@ -293,15 +302,59 @@ class LVMCLI(LightningCLI):
             "fit", {"default_config_files": [str(DEFAULT_CONFIG)]}
         )
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunReport()]})
+        # the run folder is claimed (a new version) or checked (an explicit one) before anything is written
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_class", _Parser)
-        super().__init__(
-            LVMModule,
-            pl.LightningDataModule,
-            subclass_mode_data=True,
-            args=args,
-            **kwargs,
-        )
+        self._claimed: Optional[Path] = None
+        self._resuming_into = False
+        try:
+            super().__init__(
+                LVMModule,
+                pl.LightningDataModule,
+                subclass_mode_data=True,
+                args=args,
+                **kwargs,
+            )
+        except BaseException:
+            release_if_empty(self._claimed)  # a run that failed before it began leaves no empty version_N
+            raise
+
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
+        """The Trainer, with :class:`~pyro_lvm.callbacks.RunCheckpoint` where Lightning would add its default
+        checkpoint callback (best epoch and ``last.ckpt`` at every epoch, written atomically)."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_run_checkpoint(trainer)
+        return trainer
+
+    def before_instantiate_classes(self) -> None:
+        """``fit``: claim a new ``version_N`` for the logger, or check that an explicit one holds no run."""
+        if self.subcommand != "fit" or os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+            return  # other DDP processes write nothing of their own
+        config = self.config["fit"]
+        logger = config["trainer"].get("logger")
+        init = getattr(logger, "init_args", None)
+        if init is None or getattr(init, "save_dir", None) is None:
+            return  # no logger, or one without a folder of ours
+        root = Path(init.save_dir) / (init.name if getattr(init, "name", None) else "")
+        if getattr(init, "version", None) is None:
+            init.version, self._claimed = claim_version(root)
+        else:
+            self._resuming_into = check_run_folder(version_folder(root, init.version), config.get("ckpt_path"),
+                                                   config.get("overwrite"))
+
+    def before_fit(self) -> None:
+        """Check the data before anything is written; tell the checkpoints how this run resumes."""
+        if isinstance(self.model, LVMModule) and self.datamodule is not None:
+            self.datamodule.setup("fit")  # NaN, shapes: a data error leaves no run folder behind
+            self.model.check_data_module(self.datamodule)
+        config_path = Path(self.trainer.log_dir or ".") / "config.yaml"
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, RunCheckpoint) and callback.resume_command is None:
+                callback.resume_command = f"pyro-lvm fit --config {config_path} --ckpt_path {{ckpt}}"
+        if isinstance(self.model, LVMModule) and self.model.run_config is None:
+            # the architecture: a resume with another one is refused (lr, estimator and the like may change)
+            model = _plain_config(self.config["fit"].get("model")) or {}
+            self.model.run_config = {key: model.get(key) for key in ("model", "guide")}
 
     def _add_configure_optimizers_method_to_model(self, subcommand: Optional[str]) -> None:
         # LightningCLI builds an ``optimizer:`` on ``model.parameters()``, one group at the
@@ -336,6 +389,10 @@ class LVMCLI(LightningCLI):
             help="fit only: evaluate the best checkpoint (the last weights without one) on the data "
             "module's test split after training, print the metrics and write test_metrics.json",
         )
+        parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="fit only: write into a run folder (an explicit logger version) that already holds a run",
+        )
 
     def after_fit(self) -> None:
         """With ``test_after_fit: true``, test the best checkpoint on the test split."""
@@ -346,11 +403,39 @@ class LVMCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best, weights_only=True)
 
     def fit(self, model, datamodule=None, ckpt_path: Optional[str] = None, weights_only: Optional[bool] = None, **kwargs) -> None:
-        """``Trainer.fit``, loading a checkpoint with ``weights_only=True`` by default."""
-        self.trainer.fit(
-            model, datamodule=datamodule, ckpt_path=ckpt_path,
-            weights_only=True if weights_only is None else weights_only, **kwargs,
+        """``Trainer.fit``, reading a checkpoint with ``weights_only=True`` (``False`` is refused)."""
+        with warnings.catch_warnings():
+            if self._resuming_into or self.config["fit"].get("overwrite"):  # asked for: the folder is checked
+                warnings.filterwarnings("ignore", message=r"(Experiment logs|Checkpoint) directory .* exists and is not empty")
+            self.trainer.fit(model, datamodule=datamodule, ckpt_path=ckpt_path,
+                             weights_only=_weights_only(weights_only), **kwargs)
+
+    def validate(self, model, datamodule=None, ckpt_path: Optional[str] = None, weights_only: Optional[bool] = None,
+                 **kwargs) -> Any:
+        """``Trainer.validate``, reading a checkpoint (a path, ``last``, ``best``) with ``weights_only=True``."""
+        return self.trainer.validate(model, datamodule=datamodule, ckpt_path=ckpt_path,
+                                     weights_only=_weights_only(weights_only), **kwargs)
+
+    def test(self, model, datamodule=None, ckpt_path: Optional[str] = None, weights_only: Optional[bool] = None,
+             **kwargs) -> Any:
+        """``Trainer.test``, reading a checkpoint (a path, ``last``, ``best``) with ``weights_only=True``."""
+        return self.trainer.test(model, datamodule=datamodule, ckpt_path=ckpt_path,
+                                 weights_only=_weights_only(weights_only), **kwargs)
+
+    def predict(self, model, datamodule=None, ckpt_path: Optional[str] = None, weights_only: Optional[bool] = None,
+                **kwargs) -> Any:
+        """``Trainer.predict``, reading a checkpoint (a path, ``last``, ``best``) with ``weights_only=True``."""
+        return self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path,
+                                    weights_only=_weights_only(weights_only), **kwargs)
+
+
+def _weights_only(value: Optional[bool]) -> bool:
+    if value is False:
+        raise SystemExit(
+            "pyro-lvm: --weights_only false is refused: pyro_lvm checkpoints hold tensors and plain data only and "
+            "load with weights_only=True, which runs no pickled code (a crafted checkpoint could run anything)."
         )
+    return True
 
 
 # Keys of a fit configuration that gradient-variance passes on: the pair, its data, the seed.
@@ -504,7 +589,18 @@ def gradient_variance_main(args: list[str]) -> None:
 
 
 # Keys that `pyro-lvm fit` writes into a run's config.yaml but that only its subcommand accepts.
-_RUN_ONLY_KEYS = ("ckpt_path", "weights_only")
+_RUN_ONLY_KEYS = ("ckpt_path", "weights_only", "overwrite")
+
+
+def _plain_config(value: Any) -> Any:
+    """A parsed configuration (jsonargparse Namespaces) as plain dicts, lists and numbers."""
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, dict):
+        return {k: _plain_config(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain_config(v) for v in value]
+    return value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
 
 
 def instantiate_run(config: Union[str, os.PathLike]) -> tuple[LVMModule, pl.LightningDataModule]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import os
 import random
+import warnings
 from typing import Any, Callable, Optional, Union
 
 import numpy as np
@@ -16,10 +17,12 @@ from pyro import poutine
 from pyro.distributions import constraints
 from pyro.infer import ELBO
 from pyro.infer.elbo import ELBOModule
+from pytorch_lightning.utilities.model_helpers import is_overridden
 from torch import nn
 
+from .callbacks import make_checkpoint_io_atomic, use_run_checkpoint
 from .checkpoints import load_checkpoint
-from .data import TensorDataModule
+from .data import TensorDataModule, check_data
 from .estimators import ESTIMATORS, BetaMixin, make_elbo
 from .estimators.fast import FastLoss, fast_path_blocker
 from .estimators.kl_control import Capacity, KLControl
@@ -28,9 +31,10 @@ from .pairs import (
     accepting, call_keys, check_arguments, elbo_parts, enumerated_elbo_parts, enumerated_sites, is_pair_module,
     split_batch,
 )
+from .runs import check_run_folder
 from .schedules import Constant, Schedule
 
-__all__ = ["LVMModule", "HeldOutMean", "elbo_terms", "fit"]
+__all__ = ["LVMModule", "HeldOutMean", "DivergedError", "elbo_terms", "fit"]
 
 _BUFFER_PREFIX = "__baseline"  # Pyro keeps decaying-average baselines in the param store
 
@@ -38,6 +42,10 @@ _BUFFER_PREFIX = "__baseline"  # Pyro keeps decaying-average baselines in the pa
 def _escape(name: str) -> str:
     # nn.ParameterDict keys may not contain "."
     return name.replace(".", "/")
+
+
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss or gradient; the message says where and what to try."""
 
 
 class HeldOutMean(torchmetrics.Metric):
@@ -199,6 +207,9 @@ class LVMModule(pl.LightningModule):
             draws for the same seed, with Pyro's argument checks run once instead of every
             step (the data's values are checked on each epoch's first batch and every 50th). Other pairs and estimators run
             through Pyro whatever this says; ``fast_path_blocker`` names the reason.
+        nonfinite: what a non-finite loss or gradient does: ``"stop"`` the run at once with a
+            :class:`DivergedError` (the parameters stay those before the step), or ``"skip"`` the step
+            (counted and logged as ``train/skipped_steps``); see :meth:`on_before_optimizer_step`.
         rename: batch key -> the argument of the model (and guide) that receives it.
         data_plate: the name of the pair's plate of independent data points (for the held-out
             numbers and the multi-sample estimators' per-point weights).
@@ -225,8 +236,17 @@ class LVMModule(pl.LightningModule):
         fast_step: bool = True,
         rename: Optional[dict[str, str]] = None,
         data_plate: str = "data",
+        nonfinite: str = "stop",
     ):
         super().__init__()
+        if nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' (end the run at a non-finite loss or gradient) or 'skip' "
+                             f"(skip such steps); got {nonfinite!r}.")
+        self.nonfinite = nonfinite
+        self.skipped_steps = 0
+        #: the run's model configuration as plain data (``pyro-lvm fit`` sets it from its YAML): a checkpoint
+        #: written with another one is refused on resume, naming the keys that differ
+        self.run_config: Optional[dict] = None
         if is_pair_module(model):
             self.lvm = model
             model, guide = model.model, (model.guide if guide is None else guide)
@@ -287,6 +307,9 @@ class LVMModule(pl.LightningModule):
         self.estimator_modules = nn.ModuleList(
             estimator.trainable_modules() if hasattr(estimator, "trainable_modules") else []
         )
+        if not isinstance(beta, Schedule) and not float(beta) >= 0:
+            raise ValueError(f"beta (the weight of the KL term) must be >= 0 (0: reconstruction alone); got {beta}. "
+                             "For a weight that changes with the step, pass a pyro_lvm.schedules.Schedule.")
         self.beta_schedule = beta if isinstance(beta, Schedule) else Constant(float(beta))
         self.kl_control = getattr(estimator, "kl_control", None)
         if isinstance(self.kl_control, Capacity) and not (
@@ -330,6 +353,44 @@ class LVMModule(pl.LightningModule):
             # a built-in model knows its data shape: wrong combinations fail here
             with torch.no_grad(), self._scope():
                 estimator.check(self.objective.model, self.objective.guide, example())
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, map_location: Any = None, hparams_file: Any = None,
+                             strict: Optional[bool] = None, weights_only: Optional[bool] = None, **kwargs: Any):
+        """Lightning's ``load_from_checkpoint``, reading tensors and plain data only (``weights_only=True``).
+
+        A pyro_lvm checkpoint holds nothing else, so no pickled code ever runs, whatever torch's default
+        or ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` say; ``weights_only=False`` is refused. Without a
+        ``model`` argument, a built-in model is rebuilt from the checkpoint
+        (:func:`pyro_lvm.checkpoints.model_from_checkpoint`); a user's own pair is passed as ``model``
+        (and ``guide``), as built for training.
+
+        Example:
+            >>> import tempfile, pytorch_lightning as pl
+            >>> from pyro_lvm import VAE
+            >>> module = LVMModule(VAE(data_shape=4, latent_dim=2, hidden_dims=[8]))
+            >>> module.initialize(torch.zeros(2, 4))
+            >>> trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
+            >>> trainer.strategy.connect(module)
+            >>> path = tempfile.mkdtemp() + "/vae.ckpt"
+            >>> trainer.save_checkpoint(path)
+            >>> loaded = LVMModule.load_from_checkpoint(path)   # the VAE rebuilt from the checkpoint
+            >>> torch.equal(loaded.lvm.decoder[0].weight, module.lvm.decoder[0].weight)
+            True
+        """
+        if weights_only is False:
+            raise ValueError(
+                "pyro_lvm checkpoints hold tensors and plain data only and load with weights_only=True, which runs "
+                "no pickled code; weights_only=False is refused (a crafted checkpoint could run anything)."
+            )
+        if not hasattr(checkpoint_path, "read"):
+            checkpoint = load_checkpoint(checkpoint_path)  # a message for a missing, corrupt, foreign or pickled file
+            if "model" not in kwargs:
+                from .checkpoints import model_from_checkpoint
+
+                kwargs["model"] = model_from_checkpoint(checkpoint)
+        return super().load_from_checkpoint(checkpoint_path, map_location, hparams_file, strict, weights_only=True,
+                                            **kwargs)
 
     # ----- the trained pair, as a pair -------------------------------------------------
     def model(self, *args, **kwargs):
@@ -390,6 +451,9 @@ class LVMModule(pl.LightningModule):
         self._initialized = True
 
     def setup(self, stage: str) -> None:
+        if stage == "fit":
+            make_checkpoint_io_atomic(self.trainer)  # every checkpoint of the run: a whole file or none
+            self.check_data_module(getattr(self.trainer, "datamodule", None))
         if self._initialized:
             return
         loader = self._dataloader(stage)
@@ -414,6 +478,23 @@ class LVMModule(pl.LightningModule):
             self.initialize(batch)
         finally:
             self.train(training)
+
+    def check_data_module(self, datamodule: Any) -> None:
+        """Check every row of a pyro_lvm data module's splits, as the model will see them (before training).
+
+        The model's ``check_data`` (shape, the likelihood's support), naming the first bad row by its
+        position in the source data; splits binarized on the way to the model are binary whatever they
+        hold. :meth:`setup` calls it once, and ``pyro-lvm fit`` before it writes anything. Other data
+        modules are checked batch by batch, as they come.
+        """
+        check = getattr(getattr(self, "lvm", None), "check_data", None)
+        if not callable(check) or datamodule is None or not isinstance(getattr(type(datamodule), "datasets", None), property):
+            return
+        sources = getattr(datamodule, "source_index", {})
+        for split, dataset in datamodule.datasets.items():
+            x = getattr(dataset, "x", None)
+            if isinstance(x, torch.Tensor) and getattr(dataset, "binarize", "none") == "none":
+                check(x, f"{type(datamodule).__name__}'s {split} split (rows of the source data)", rows=sources.get(split))
 
     def _train_loader(self) -> Any:
         datamodule = getattr(self.trainer, "datamodule", None)
@@ -472,6 +553,7 @@ class LVMModule(pl.LightningModule):
         if hasattr(self.estimator, "set_step"):  # e.g. a temperature schedule
             self.estimator.set_step(self.global_step)
         loss = self(batch)
+        self._last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
         self.log("train/beta", beta, on_step=True, on_epoch=False)
         if self.kl_control is not None:
@@ -592,6 +674,47 @@ class LVMModule(pl.LightningModule):
         """Adam at ``lr`` over :meth:`parameter_groups` (a submodule's ``own_lr`` kept)."""
         return torch.optim.Adam(self.parameter_groups(), lr=self.lr)
 
+    # ----- divergence ---------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The divergence guard: a non-finite loss or gradient never reaches the parameters.
+
+        With ``nonfinite="stop"`` (the default) the run stops at once with a
+        :class:`DivergedError` that names the step, the learning rate, the last good checkpoint and
+        what to try; the parameters are those before the step. With ``"skip"`` the step is skipped
+        (no parameter or optimizer state changes), counted in :attr:`skipped_steps` and logged as
+        ``train/skipped_steps``. One host sync per step.
+        """
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loss = getattr(self, "_last_loss", None)
+        checks = [torch.isfinite(g).all() for g in grads]
+        if loss is not None:
+            checks.append(torch.isfinite(loss).all())
+        if not checks or bool(torch.stack(checks).all()):
+            return
+        if self.nonfinite == "skip":
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    p.grad = None  # Adam leaves a parameter without a gradient (and its state) as it is
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps), on_step=True, on_epoch=False)
+            return
+        raise DivergedError(self._divergence_message(optimizer, loss))
+
+    def _divergence_message(self, optimizer: torch.optim.Optimizer, loss: Optional[torch.Tensor]) -> str:
+        lr = optimizer.param_groups[0].get("lr")
+        what = (f"the loss is {float(loss):.4g}" if loss is not None and not torch.isfinite(loss).all()
+                else "a gradient is not finite")
+        trainer = self._trainer
+        last = getattr(getattr(trainer, "checkpoint_callback", None), "last_model_path", "") if trainer else ""
+        where = f"The last good checkpoint: {last}." if last else "No checkpoint was written yet."
+        return (
+            f"Training diverged at step {self.global_step} (epoch {self.current_epoch}): {what}, with learning rate "
+            f"{lr}. The parameters are those before this step (nothing non-finite was applied or saved). {where} "
+            f"Try a smaller learning rate (lr={lr / 10 if isinstance(lr, float) else lr}), gradient clipping "
+            "(Trainer(gradient_clip_val=...)), a KL warm-up (beta=pyro_lvm.schedules.LinearWarmup(...)), a check of "
+            "the data for extreme values; or skip such steps with nonfinite='skip' (counted in train/skipped_steps)."
+        )
+
     def on_train_epoch_start(self) -> None:
         if self._fast is not None:
             self._fast.check_next = True  # the fast step checks the data's values again
@@ -630,6 +753,10 @@ class LVMModule(pl.LightningModule):
         lvm = getattr(self, "lvm", None)
         if lvm is not None and hasattr(lvm, "config"):
             info["model"] = {"class": f"{type(lvm).__module__}.{type(lvm).__qualname__}", "config": lvm.config}
+        if self.run_config is not None:
+            info["run_config"] = self.run_config
+        # which path the next step takes: a resumed run takes the one an uninterrupted run would
+        info["steps"] = {"pyro_steps": int(self._pyro_steps), "skipped_steps": int(self.skipped_steps)}
         checkpoint["pyro_lvm"] = info
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -638,6 +765,14 @@ class LVMModule(pl.LightningModule):
             raise ValueError(
                 "This checkpoint was not written by pyro_lvm.LVMModule (no 'pyro_lvm' entry). "
                 "Resume from a checkpoint of a pyro_lvm run."
+            )
+        differences = self._config_differences(info)
+        if differences:
+            raise ValueError(
+                "This checkpoint was written by another model configuration; it differs in "
+                + "; ".join(differences[:8]) + (f" (and {len(differences) - 8} more)" if len(differences) > 8 else "")
+                + ". Resume with the run's own configuration (its run folder has config.yaml), or start a new run "
+                "(without ckpt_path) for the new model."
             )
         ours = self.state_dict()
         theirs = checkpoint["state_dict"]
@@ -672,6 +807,46 @@ class LVMModule(pl.LightningModule):
             self._param_state["constraints"][name] = constraints.real
         if "estimator" in info and hasattr(self.estimator, "load_state_dict"):
             self.estimator.load_state_dict(info["estimator"])
+        steps = info.get("steps", {})
+        self._fast_for(self.estimator)
+        self._pyro_steps = int(steps.get("pyro_steps", self._pyro_steps))
+        self.skipped_steps = int(steps.get("skipped_steps", 0))
+
+    def _config_differences(self, info: dict) -> list[str]:
+        """The keys (with both values) where the checkpoint's model configuration differs from this one's."""
+        out = []
+        lvm = getattr(self, "lvm", None)
+        stored = info.get("model")
+        if isinstance(stored, dict) and lvm is not None and hasattr(lvm, "config"):
+            here = f"{type(lvm).__module__}.{type(lvm).__qualname__}"
+            if stored.get("class") != here:
+                out.append(f"model class: {stored.get('class')} in the checkpoint, {here} here")
+            else:
+                out += _differences(stored.get("config"), lvm.config, "model.")
+        if info.get("run_config") is not None and self.run_config is not None:
+            out += [d for d in _differences(info["run_config"], self.run_config, "") if d not in out]
+        return out
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively: configurations compare by value, whatever container wrote them."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _differences(there: Any, here: Any, prefix: str) -> list[str]:
+    """``key: A in the checkpoint, B here`` for every key where two configurations differ."""
+    there, here = _plain(there), _plain(here)
+    if isinstance(there, dict) and isinstance(here, dict):
+        out = []
+        for key in sorted(set(there) | set(here), key=str):
+            a, b = there.get(key, "<absent>"), here.get(key, "<absent>")
+            out += _differences(a, b, f"{prefix}{key}.")
+        return out
+    return [] if there == here else [f"{prefix.rstrip('.')}: {there!r} in the checkpoint, {here!r} here"]
 
 
 def fit(
@@ -726,12 +901,24 @@ def fit(
     """
     if seed is not None:
         pl.seed_everything(seed, verbose=False)
+    if isinstance(data, np.ndarray):
+        data = torch.as_tensor(data)
     if isinstance(data, torch.Tensor):
+        if data.dim() == 0 or len(data) == 0:
+            raise ValueError(f"fit() needs at least one data point (a tensor with one row per point); got shape "
+                             f"{tuple(data.shape)}.")
+        check_data(data, "data")  # before the split: a bad value's index is the row the user knows
+        check_rows = getattr(model, "check_data", None)
+        if callable(check_rows):  # a built-in model: shape and support of every row, by the user's row
+            check_rows(data, "data")
         order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed or 0))
-        n_val = max(1, len(data) // 10)
-        data = TensorDataModule(data[order[n_val:]], val=data[order[:n_val]])
+        n_val = max(1, len(data) // 10) if len(data) > 1 else 0  # one point: all of it to train on
+        data = TensorDataModule(data[order[n_val:]], val=data[order[:n_val]] if n_val else None)
     if data is None:
         raise ValueError("fit() needs data: a LightningDataModule or a tensor of data points.")
+    if not isinstance(data, pl.LightningDataModule):
+        raise TypeError(f"fit() takes data as a tensor (or NumPy array) with one row per data point, or a "
+                        f"LightningDataModule; got {type(data).__name__}.")
     module = LVMModule(
         model, guide, estimator=estimator, num_particles=num_particles, beta=beta, lr=lr,
         estimator_options=estimator_options, kl_control=kl_control, latent_monitor=latent_monitor,
@@ -740,5 +927,12 @@ def fit(
     if ckpt_path is not None:
         load_checkpoint(ckpt_path)
     trainer = pl.Trainer(**trainer_kwargs)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
+    use_run_checkpoint(trainer)  # last.ckpt at every epoch and the best one, written atomically
+    logger = trainer.logger
+    if logger is not None and getattr(logger, "log_dir", None):
+        check_run_folder(logger.log_dir, ckpt_path)  # an explicit version that holds a run is not written over
+    with warnings.catch_warnings():
+        if not is_overridden("val_dataloader", data, pl.LightningDataModule):  # data without a held-out split: fine
+            warnings.filterwarnings("ignore", message="You defined a `validation_step` but have no `val_dataloader`")
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path, weights_only=True)
     return module

@@ -222,6 +222,8 @@ def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str
     resuming = args.resume and last.is_file()
     config = _fit_config(row, out, data, args.seed, args)
     command = ["fit", "--config", str(config)]
+    if not resuming:  # a fresh start in a folder the runner has decided to reuse (see above)
+        command += ["--overwrite", "true"]
     if resuming:
         command += ["--ckpt_path", str(last)]
         # Lightning's CSV logger starts metrics.csv afresh in the same folder: keep the earlier

@@ -106,6 +106,40 @@ class LatentVariableModel(PyroModule):
         if support:
             self.likelihood.check(x)
 
+    @torch.no_grad()
+    def check_data(self, x: torch.Tensor, name: str = "data", chunk: int = 4096,
+                   rows: Optional[torch.Tensor] = None) -> None:
+        """Raise a ``ValueError`` if any row of ``x`` is not data the model can score, naming the first.
+
+        The shape and the likelihood's support (a Bernoulli likelihood's 0s and 1s), over all of ``x``
+        in chunks: :class:`pyro_lvm.LVMModule` runs it once on every split of a pyro_lvm data module
+        before training (the training step itself checks some batches only). ``rows``: each row's
+        position in the source data, to name in the message (default: its position in ``x``).
+
+        Example:
+            >>> from pyro_lvm import VAE
+            >>> x = torch.zeros(1000, 4)
+            >>> x[700, 1] = 0.5
+            >>> VAE(data_shape=4, latent_dim=2, hidden_dims=[8]).check_data(x, "the train split")
+            Traceback (most recent call last):
+            ...
+            ValueError: the train split, row 700: Bernoulli likelihood needs binary data (0 or 1); ...
+        """
+        if len(x):
+            self._check(x[:1], support=False)  # the shape, once: every row has the same
+        for start in range(0, len(x), chunk):
+            part = x[start:start + chunk]
+            try:
+                self._check(part, shape=self.event_shape)
+            except ValueError:
+                for i in range(len(part)):  # the first row that fails, and its message
+                    try:
+                        self._check(part[i:i + 1], shape=self.event_shape)
+                    except ValueError as err:
+                        row = start + i if rows is None else int(rows[start + i])
+                        raise ValueError(f"{name}, row {row}: {err}") from None
+                raise
+
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """E[x | z] for ``z`` of shape ``(..., *latent_shape)``, e.g. pixel probabilities."""
         return self.likelihood.mean(self._decoder_output(z))
