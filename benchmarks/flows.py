@@ -23,8 +23,9 @@ conditioner an MLP ``D/2 -> hidden -> ... -> (number of parameters) x D/2`` with
 base :math:`\\mathcal N(0, I)`. RealNVP: affine couplings; NICE: additive couplings and a
 final learnable diagonal scaling.
 
-* ``pyro_lvm``: :func:`pyro_lvm.flows.realnvp` / :func:`pyro_lvm.flows.nice` in a
-  :class:`pyro.distributions.TransformedDistribution` (log-scale ``c tanh(r)``; the
+* ``pyro_lvm``: :func:`pyro_lvm.flows.realnvp` / :func:`pyro_lvm.flows.nice` (one Pyro
+  transform each) in a :class:`pyro.distributions.TransformedDistribution` with their layers
+  one by one, as :class:`pyro_lvm.FlowModel` passes them (log-scale ``c tanh(r)``; the
   couplings' default ``init="shift"``: zero log-scale head, default-initialised shift head),
   initialized on 1024 training examples by :func:`pyro_lvm.flows.initialize_actnorm` as
   :class:`pyro_lvm.FlowModel` does (this sets NICE's diagonal scaling to the data's
@@ -69,7 +70,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from pyro_lvm.flows import Logit, bits_per_dim, dequantize, initialize_actnorm, nice, realnvp
+from pyro_lvm.flows import Logit, bits_per_dim, dequantize, initialize_actnorm, nice, realnvp, transform_parts
 
 REFERENCES = {"RealNVP": "pyro_lvm RealNVP", "NICE": "pyro_lvm NICE"}
 CONTESTANTS = [
@@ -176,7 +177,7 @@ def build_pyro_lvm(
         # the library's data-dependent initialization (as FlowModel does on its first batch):
         # NICE's diagonal scaling starts at the data's scale; RealNVP here has no such layer
         initialize_actnorm(stack, init_batch)
-    flow = dist.TransformedDistribution(_standard_normal(dim), list(stack))
+    flow = dist.TransformedDistribution(_standard_normal(dim), transform_parts(stack))
     return _Flow(list(stack.parameters()), flow.log_prob)
 
 

@@ -1,4 +1,4 @@
-"""Time and peak memory of :func:`pyro_lvm.evaluation.log_likelihood` against the decoder's forward passes alone.
+"""Time and peak memory of :func:`pyro_lvm.diagnostics.log_likelihood` against the decoder's forward passes alone.
 
 A VAE 784-200-200-50 (Bernoulli likelihood; untrained: the cost does not depend on the
 weights) on the first ``--num-images`` MNIST test images (dynamically binarized once, as
@@ -52,7 +52,7 @@ def worker(args: argparse.Namespace) -> dict:
 
     from pyro_lvm import VAE
     from pyro_lvm.data import MNISTDataModule
-    from pyro_lvm.evaluation import log_likelihood
+    from pyro_lvm.diagnostics import log_likelihood
 
     torch.set_num_threads(args.threads)
     pyro.set_rng_seed(0)

@@ -55,7 +55,7 @@ and the script says so. Variants:
   ``pyro_lvm user pair``: the VAE's ``model`` and ``guide`` wrapped in two plain functions,
   as a user's own pair is, which has no fast path and runs through Pyro's ``Trace_ELBO``
   (compare it with ``pyro SVI Trace_ELBO``: the issue's target is no slower). For ``e``:
-  ``estimator="iwae", num_particles=5``, and ``pyro_lvm iwae, Pyro's path``, the same with
+  ``estimator=IWAEELBO(num_particles=5)``, and ``pyro_lvm iwae, Pyro's path``, the same with
   ``fast_step=False`` (pyro_lvm's :class:`~pyro_lvm.estimators.IWAEELBO` through Pyro's traces).
 
 Pyro's validation stays at its default (on) for every variant, since that is what users
@@ -99,6 +99,7 @@ from pyro.infer import SVI, JitTrace_ELBO, RenyiELBO, Trace_ELBO, TraceGraph_ELB
 from torch import nn
 
 from pyro_lvm import VAE, LVMModule
+from pyro_lvm.estimators import make_elbo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from score_function import _Reinforce  # noqa: E402  Pyro's stock score-function recipe, shared
@@ -295,7 +296,7 @@ def svi_step(elbo: str, vae: VAE, lr: float, num_particles: int = 1) -> Step:
 
 def pyro_lvm_step(estimator: str, vae: VAE, lr: float, batch: torch.Tensor, num_particles: int = 1,
                   fast_step: bool = True) -> Step:
-    module = LVMModule(vae, estimator=estimator, lr=lr, latent_monitor=False, num_particles=num_particles,
+    module = LVMModule(vae, estimator=make_elbo(estimator, num_particles=num_particles), lr=lr, latent_monitor=False,
                        fast_step=fast_step)
     module.initialize(batch)
     optimizer = module.configure_optimizers()

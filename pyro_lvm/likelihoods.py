@@ -11,7 +11,9 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import pyro.distributions as dist
 import torch
 from torch import nn
-from torch.nn.functional import softplus
+from torch.nn.functional import binary_cross_entropy_with_logits, softplus
+
+from .ops import normal_log_prob
 
 __all__ = [
     "Likelihood", "BernoulliLikelihood", "GaussianLikelihood", "IndependentBernoulli", "make_likelihood",
@@ -82,7 +84,7 @@ def compiled_log_prob(enabled: bool = True, strict: bool = False) -> Iterator[No
     float32 rounding of the sum. The kernel serves evaluation: where the logits need a
     gradient (training), the eager kernel and autograd run as before. Compilation takes seconds (a C++ compiler on a CPU,
     Triton on a GPU) and pays off for long evaluations such as
-    :func:`pyro_lvm.evaluation.log_likelihood` with thousands of particles, which enables
+    :func:`pyro_lvm.diagnostics.likelihood.log_likelihood` with thousands of particles, which enables
     it by itself when the work is large. If compilation fails, the block falls back to
     the eager computation and logs why (``logging``, logger ``pyro_lvm.likelihoods``), or
     raises with ``strict=True``.
@@ -186,6 +188,17 @@ class Likelihood(nn.Module):
         """E[x | z] for decoder output ``h``."""
         raise NotImplementedError
 
+    def log_density(self, h: torch.Tensor, x: torch.Tensor, reduce: bool = False) -> Optional[torch.Tensor]:
+        r""":math:`\log p(x \mid z)` written out for decoder output ``h`` of shape ``(..., D)``, or ``None``.
+
+        Per coordinate of ``x`` (the shape of ``h`` unflattened, ``x`` broadcast to it), or with ``reduce``
+        the total over everything; the same numbers as ``self(h).log_prob(x)`` without building a
+        distribution. A likelihood with such a form says so by returning it: the fast training step of the
+        built-in models (:mod:`pyro_lvm.training.fast_step`) asks for it and otherwise uses ``self(h)``.
+        ``None`` here: a subclass without a closed form keeps this.
+        """
+        return None
+
     def check(self, x: torch.Tensor) -> None:
         """Raise a ``ValueError`` naming the problem if ``x`` cannot be scored.
 
@@ -230,6 +243,20 @@ class BernoulliLikelihood(Likelihood):
 
     def mean(self, h: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self._unflatten(h))
+
+    def log_density(self, h: torch.Tensor, x: torch.Tensor, reduce: bool = False) -> torch.Tensor:
+        r""":math:`\sum_d x_d l_d - \log(1 + e^{l_d})` per pixel (the negative binary cross-entropy with logits).
+
+        Example:
+            >>> lik = BernoulliLikelihood(3)
+            >>> h, x = torch.randn(2, 3), torch.ones(2, 3)
+            >>> bool(torch.allclose(lik.log_density(h, x).sum(-1), lik(h).log_prob(x)))
+            True
+        """
+        logits = self._unflatten(h)
+        if reduce:
+            return -binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="sum")
+        return -binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none")
 
     def check(self, x: torch.Tensor) -> None:
         self._check_shape(x)
@@ -298,6 +325,18 @@ class GaussianLikelihood(Likelihood):
 
     def mean(self, h: torch.Tensor) -> torch.Tensor:
         return self._unflatten(h)
+
+    def log_density(self, h: torch.Tensor, x: torch.Tensor, reduce: bool = False) -> torch.Tensor:
+        r""":math:`\log \mathcal N(x_d; h_d, \sigma_d^2)` per coordinate (:func:`pyro_lvm.ops.normal_log_prob`).
+
+        Example:
+            >>> lik = GaussianLikelihood(3, scale=0.5)
+            >>> h, x = torch.randn(2, 3), torch.randn(2, 3)
+            >>> bool(torch.allclose(lik.log_density(h, x).sum(-1), lik(h).log_prob(x)))
+            True
+        """
+        log_p = normal_log_prob(x, self._unflatten(h), self.scale)
+        return log_p.sum() if reduce else log_p
 
 
 def make_likelihood(

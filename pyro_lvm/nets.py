@@ -64,7 +64,7 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
-def _over_images(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def over_images(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Apply a 2-D convolutional ``net`` to ``x`` of shape ``(..., C, H, W)``, any leading dims."""
     batch = x.shape[:-3]
     h = net(x.reshape((-1,) + x.shape[-3:]))
@@ -102,7 +102,7 @@ class ConvEncoder(nn.Sequential):
         super().__init__(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _over_images(super().forward, x)
+        return over_images(super().forward, x)
 
 
 class ConvDecoder(nn.Sequential):
@@ -137,4 +137,4 @@ class ConvDecoder(nn.Sequential):
         super().__init__(*layers[:-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _over_images(super().forward, x)
+        return over_images(super().forward, x)

@@ -663,7 +663,7 @@ def later_dependencies(model: Callable, guide: Callable, args: tuple, kwargs: di
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         order = list(latent_sites(guide_trace))
-        leaves, untested = {}, []
+        leaves = {}
         replay = guide_trace.copy()
         for name in order:
             value = guide_trace.nodes[name]["value"]

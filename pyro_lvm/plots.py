@@ -11,24 +11,13 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 from matplotlib.figure import Figure
-from torch.distributions import Normal, kl_divergence
+
+from .ops import standard_normal_kl
 
 __all__ = [
-    "as_images",
-    "image_grid",
-    "plot_reconstructions",
-    "plot_samples",
-    "plot_loss_curves",
-    "kl_per_dim",
-    "traversal_latents",
-    "plot_traversals",
-    "interpolation_latents",
-    "plot_interpolation",
-    "manifold_latents",
-    "plot_manifold",
-    "plot_latent_space",
-    "plot_completions",
-    "plot_latent_usage",
+    "as_images", "image_grid", "plot_reconstructions", "plot_samples", "plot_loss_curves", "kl_per_dim",
+    "traversal_latents", "plot_traversals", "interpolation_latents", "plot_interpolation", "manifold_latents",
+    "plot_manifold", "plot_latent_space", "plot_completions", "plot_latent_usage",
 ]
 
 _PathLike = Union[str, Path]
@@ -102,7 +91,7 @@ def plot_reconstructions(
     with _inference(model):
         recon = model.reconstruct(x.to(_device(model, x)))
     tiles = torch.stack([as_images(x, image_shape), as_images(recon, image_shape)])
-    return _save_tiles(tiles, path, ["input", "reconstruction"])
+    return save_tiles(tiles, path, ["input", "reconstruction"])
 
 
 def plot_samples(
@@ -131,7 +120,7 @@ def plot_samples(
     n_rows = -(-num // per_row)
     blank = torch.full((n_rows * per_row - num, *images.shape[1:]), 1.0)  # white: an empty end of the last row
     tiles = torch.cat([images, blank]).reshape(n_rows, per_row, *images.shape[1:])
-    return _save_tiles(tiles, path, title=title)
+    return save_tiles(tiles, path, title=title)
 
 
 def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> Path:
@@ -158,7 +147,7 @@ def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> P
 
 
 def plot_latent_usage(history: Sequence[dict], path: _PathLike, site: Optional[str] = None) -> Path:
-    """How the code is used over training, from :attr:`pyro_lvm.monitoring.LatentMonitor.history`.
+    """How the code is used over training, from :attr:`pyro_lvm.training.monitor.LatentMonitor.history`.
 
     Left: the KL of each latent dimension per epoch (a heat map, nats per data point),
     the picture of posterior collapse (rows fading to zero). Middle: the number of
@@ -247,7 +236,7 @@ def kl_per_dim(loc: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
             f"kl_per_dim needs loc and scale of one shape (batch, *latent_shape); got "
             f"{tuple(loc.shape)} and {tuple(scale.shape)}. Pass the two outputs of model.encode(x)."
         )
-    return kl_divergence(Normal(loc, scale), Normal(0.0, 1.0)).mean(0)
+    return standard_normal_kl(loc, scale).mean(0)
 
 
 def traversal_latents(loc: torch.Tensor, dims: Sequence[int], values: torch.Tensor) -> torch.Tensor:
@@ -343,7 +332,7 @@ def plot_traversals(
     latent_shape = tuple(loc.shape[1:])
     rows = [f"{_coordinate(d, latent_shape)}\nKL {float(kl[d]):.2f}" for d in dims]
     cols = ["input"] + [f"{v:.3g}" for v in values.tolist()]
-    return _save_tiles(tiles, path, rows, cols, title="latent traversals (value of the swept coordinate)")
+    return save_tiles(tiles, path, rows, cols, title="latent traversals (value of the swept coordinate)")
 
 
 def interpolation_latents(
@@ -447,7 +436,7 @@ def plot_interpolation(
     t = torch.linspace(0, 1, num_steps).tolist()
     cols = ["x_a"] + [f"{v:.2g}" for v in t] + ["x_b"]
     rows = [f"pair {i + 1}" for i in range(len(x_a))]
-    return _save_tiles(tiles, path, rows, cols, title=f"{method} interpolation of posterior means (t)")
+    return save_tiles(tiles, path, rows, cols, title=f"{method} interpolation of posterior means (t)")
 
 
 def manifold_latents(num: int = 15) -> torch.Tensor:
@@ -514,7 +503,7 @@ def plot_manifold(
         decoded = model.decode(z.to(reference) if reference is not None else z)
     images = as_images(decoded, image_shape)
     q = [f"{v:.2g}" for v in grid[0, :, 0].tolist()]
-    return _save_tiles(images.reshape(num, num, *images.shape[1:]), path, q[::-1], q,
+    return save_tiles(images.reshape(num, num, *images.shape[1:]), path, q[::-1], q,
                        title="E[x | z] at prior quantiles (z1 across, z2 up)", tile_inches=0.45)
 
 
@@ -605,7 +594,7 @@ def plot_completions(
     predicted = as_images(predictions.flatten(0, 1), image_shape).reshape(num_samples, *shown.shape)
     tiles = torch.stack([shown, *predicted, as_images(y, image_shape)])
     rows = ["input"] + [f"completion {k + 1}" for k in range(num_samples)] + ["truth"]
-    return _save_tiles(tiles, path, rows, title="completions (hidden input pixels grey)")
+    return save_tiles(tiles, path, rows, title="completions (hidden input pixels grey)")
 
 
 # ----- helpers -----------------------------------------------------------------------------
@@ -673,7 +662,7 @@ def _coordinate(dim: int, latent_shape: tuple[int, ...]) -> str:
     return f"z[{','.join(str(int(i)) for i in index)}]"
 
 
-def _save_tiles(
+def save_tiles(
     tiles: torch.Tensor, path: _PathLike, row_labels: Sequence[str] = (),
     col_labels: Sequence[str] = (), title: str = "", tile_inches: float = 0.6,
 ) -> Path:
@@ -684,13 +673,9 @@ def _save_tiles(
     are fixed in inches, so each tile is ``tile_inches`` high at any grid size.
     """
     n_rows, n_cols, height, width = tiles.shape[:4]
-    canvas = torch.full(
-        (n_rows * (height + 1) - 1, n_cols * (width + 1) - 1, *tiles.shape[4:]), 1.0
-    )
-    for i in range(n_rows):
-        for j in range(n_cols):
-            canvas[i * (height + 1) : i * (height + 1) + height,
-                   j * (width + 1) : j * (width + 1) + width] = tiles[i, j]
+    # a white seam after every tile, (rows, H + 1, cols, W + 1[, 3]) flattened to one image, the last seams cut
+    seams = torch.nn.functional.pad(tiles.float(), (0, 0) * (tiles.dim() - 4) + (0, 1, 0, 1), value=1.0)
+    canvas = seams.transpose(1, 2).reshape(n_rows * (height + 1), n_cols * (width + 1), *tiles.shape[4:])[:-1, :-1]
     left = 0.95 if row_labels else 0.1
     top, bottom, right = 0.3, 0.3 if col_labels else 0.1, 0.1
     tile_w = tile_inches * width / height

@@ -10,6 +10,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 import pyro_lvm
+from linear_gaussian import LinearGaussian
 from pyro_lvm.data import DigitsDataModule, EpochShuffleSampler, TensorDictDataset, collate_batch
 from pyro_lvm.guides import AmortizedGuide, PerDatapointGuide, SemiAmortizedGuide, with_global_autoguide
 
@@ -30,31 +31,10 @@ def few_threads():
 # S = (I + W^T W / s^2)^{-1}. A mean-field Gaussian q is optimal at the exact means and at
 # standard deviations 1 / sqrt(diag(S^{-1})).
 K, D, S_NOISE = 2, 5, 0.5
-_gen = torch.Generator().manual_seed(0)
-W = torch.randn(D, K, generator=_gen)
-B = torch.randn(D, generator=_gen)
-PRECISION = torch.eye(K) + W.T @ W / S_NOISE**2
-
-
-def lg_model(x):
-    with pyro.plate("data", x.shape[0]):
-        z = pyro.sample("z", dist.Normal(torch.zeros(K), 1.0).to_event(1))
-        pyro.sample("x", dist.Normal(z @ W.T + B, S_NOISE).to_event(1), obs=x)
-
-
-def lg_data(n, seed):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(n, K, generator=g)
-    return z @ W.T + B + S_NOISE * torch.randn(n, D, generator=g)
-
-
-def posterior_mean(x):
-    return (x - B) @ W / S_NOISE**2 @ torch.linalg.inv(PRECISION)
-
-
-def lg_log_evidence(x):
-    cov = W @ W.T + S_NOISE**2 * torch.eye(D)
-    return torch.distributions.MultivariateNormal(B, cov).log_prob(x)
+LINEAR_GAUSSIAN = LinearGaussian.random(K, D, S_NOISE, seed=0, dtype=torch.float32)
+lg_model, lg_data, lg_log_evidence = LINEAR_GAUSSIAN.model, LINEAR_GAUSSIAN.sample, LINEAR_GAUSSIAN.log_evidence
+PRECISION = LINEAR_GAUSSIAN.precision  # of the posterior
+posterior_mean = LINEAR_GAUSSIAN.posterior_loc
 
 
 def mean_elbo(model, guide, *args, draws=100, **kwargs):

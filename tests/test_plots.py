@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import pyro_lvm
-from pyro_lvm.cli import RunReport, main
+from pyro_lvm.cli import main
+from pyro_lvm.cli.fit import RunReport
 from pyro_lvm.plots import (
     interpolation_latents,
     kl_per_dim,

@@ -45,7 +45,7 @@ def main() -> None:
     test = test[torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:1000]]
     # --odd-even: the "alternate" mask (the docs' 1349.1 came from an earlier copy that reordered
     # the pixels evens-then-odds under the "half" mask: the same flow, see
-    # tests/test_flows_coupling.py::test_alternate_mask_is_the_half_mask_on_entries_ordered_evens_first)
+    # tests/flows/test_flows_coupling.py::test_alternate_mask_is_the_half_mask_on_entries_ordered_evens_first)
     flow = FlowModel(784, "nice", hidden=[1000] * 5, dequantize=256, base=args.base,
                      mask="alternate" if args.odd_even else "half")
     if args.no_init:

@@ -36,9 +36,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import yaml
+
+if TYPE_CHECKING:  # torch is imported where it is used: the runner's own commands start fast
+    import torch
 
 __all__ = ["Row", "ROWS", "QUICK", "main", "logit_log_det", "format_tables", "format_beyond"]
 
@@ -205,7 +208,7 @@ def _cli(arguments: list[str], env: dict[str, str], log: Path) -> None:
 
 def train(row: Row, out: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Train (or resume) one row; returns the budget so far (epochs, steps, wall-clock summed over sessions)."""
-    from pyro_lvm.checkpoints import load_checkpoint
+    from pyro_lvm.training import load_checkpoint
 
     folder = out / row.name
     run = folder / "run"
@@ -310,7 +313,7 @@ def evaluated_checkpoint(row: Row, run: Path) -> Path:
 
 
 def _checkpoint_passes(path: Path) -> Optional[int]:
-    from pyro_lvm.checkpoints import load_checkpoint
+    from pyro_lvm.training import load_checkpoint
 
     epoch = load_checkpoint(str(path)).get("epoch")
     return None if epoch is None else int(epoch) + 1
@@ -319,7 +322,7 @@ def _checkpoint_passes(path: Path) -> Optional[int]:
 def _mean_logit_log_det(row: Row, data: Path, num_points: int, seed: int) -> float:
     from pyro_lvm.data import MNISTDataModule
 
-    from pyro_lvm.cli import subset_indices
+    from pyro_lvm.cli.runs import subset_indices
 
     module = MNISTDataModule(root=_data_root(row, data), binarize="none", val_size=0)
     x = module.datasets["test"].x

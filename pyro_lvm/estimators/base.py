@@ -118,7 +118,7 @@ def guide_order_matches_model(model_trace, guide_trace) -> bool:
     return model_names == [name for name in guide_names if name in model_names]
 
 
-def _needs_rsample(estimator: str, guide_trace, alternatives: str) -> None:
+def needs_rsample(estimator: str, guide_trace, alternatives: str) -> None:
     for name, site in drawn_sites(guide_trace).items():
         if not site["fn"].has_rsample:
             raise ValueError(
@@ -141,7 +141,7 @@ def refuse_model_enumeration(estimator: str, model_trace, guide_trace) -> None:
         )
 
 
-def _guide_covers_model(estimator: str, model_trace, guide_trace) -> None:
+def guide_covers_model(estimator: str, model_trace, guide_trace) -> None:
     refuse_model_enumeration(estimator, model_trace, guide_trace)
     missing = sorted(set(latent_sites(model_trace)) - set(latent_sites(guide_trace)))
     if missing:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
+from ..ops import log_mean_exp
 from ..pairs import drawn_sites
-from .base import _guide_covers_model, _needs_rsample
-from .particles import LogWeights, ParticleELBO, log_mean_exp
+from .base import guide_covers_model, needs_rsample
+from .particles import LogWeights, ParticleELBO
 
 __all__ = ["IWAEELBO", "DReGELBO"]
 
@@ -65,8 +64,8 @@ class IWAEELBO(ParticleELBO):
     _name = "iwae"
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
-        _guide_covers_model(self._name, model_trace, guide_trace)
-        _needs_rsample(self._name, guide_trace, _DISCRETE_ALTERNATIVES)
+        guide_covers_model(self._name, model_trace, guide_trace)
+        needs_rsample(self._name, guide_trace, _DISCRETE_ALTERNATIVES)
 
     def _surrogate(self, model, guide, args, kwargs):
         weights = self.particle_weights(model, guide, *args, **kwargs)
@@ -74,7 +73,7 @@ class IWAEELBO(ParticleELBO):
         return bound, bound
 
 
-class _ScaleGrad(torch.autograd.Function):
+class ScaleGrad(torch.autograd.Function):
     """Identity whose backward multiplies the gradient by ``holder["weight"]`` (set later)."""
 
     @staticmethod
@@ -115,7 +114,7 @@ class PathDerivativeMixin:
         for name, site in latents.items():
             if scale_grads:
                 holders[name] = {}
-                values[name] = _ScaleGrad.apply(site["value"], holders[name])
+                values[name] = ScaleGrad.apply(site["value"], holders[name])
             else:
                 values[name] = site["value"]
         detached = {name: site["value"].detach() for name, site in latents.items()}

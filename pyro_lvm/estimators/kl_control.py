@@ -21,13 +21,13 @@ import torch
 from pyro.distributions import Independent, TransformedDistribution
 from pyro.distributions.kl import kl_divergence
 
-from ..schedules import Constant, Schedule
 from ..pairs import auxiliary_sites, latent_sites
+from ..schedules import Constant, Schedule
 
 __all__ = ["KLControl", "Capacity", "FreeBits", "kl_per_variable", "kl_per_variable_mc"]
 
 
-def _unwrap(d):
+def unwrap_independent(d):
     """The factorized base of ``d`` and how many event dims the wrapping reinterpreted."""
     dims = 0
     while isinstance(d, (Independent, torch.distributions.Independent)):
@@ -52,8 +52,8 @@ def kl_per_variable(q, p, value: Optional[torch.Tensor] = None) -> torch.Tensor:
         >>> kl_per_variable(q, dist.Normal(torch.zeros(2), 1.0).to_event(1))
         tensor([[0.5000, 0.0000]])
     """
-    q_base, q_dims = _unwrap(q)
-    p_base, p_dims = _unwrap(p)
+    q_base, q_dims = unwrap_independent(q)
+    p_base, p_dims = unwrap_independent(p)
     if q_dims == p_dims:
         try:
             kl = kl_divergence(q_base, p_base)
@@ -73,12 +73,12 @@ def kl_per_variable(q, p, value: Optional[torch.Tensor] = None) -> torch.Tensor:
         return q.log_prob(value) - p.log_prob(value)
 
 
-def _is_flow(d) -> bool:
+def is_flow(d) -> bool:
     """Whether ``d`` (possibly in ``Independent``) is a plain TransformedDistribution, e.g. a flow.
 
     Subclasses with their own densities and KLs (LogNormal, RelaxedBernoulli, ...) are not.
     """
-    return type(_unwrap(d)[0]) in (torch.distributions.TransformedDistribution, TransformedDistribution)
+    return type(unwrap_independent(d)[0]) in (torch.distributions.TransformedDistribution, TransformedDistribution)
 
 
 class KLControl:
@@ -299,7 +299,7 @@ class KLControlMixin:
         model_latents = latent_sites(model_trace)
         for name, site in latent_sites(guide_trace).items():
             p = model_latents[name]["fn"] if name in model_latents else None
-            if _is_flow(site["fn"]) or _is_flow(p):
+            if is_flow(site["fn"]) or is_flow(p):
                 raise ValueError(
                     f"kl_control (free bits, capacity) needs the KL per latent dimension, but site "
                     f"{name!r} has a normalizing flow prior or posterior (a TransformedDistribution, "
@@ -315,8 +315,8 @@ class KLControlMixin:
 
 def kl_per_variable_mc(q, p, value: torch.Tensor) -> torch.Tensor:
     """One-sample estimate of KL(q || p) per latent variable: ``log q(z_d) - log p(z_d)``."""
-    q_base, q_dims = _unwrap(q)
-    p_base, p_dims = _unwrap(p)
+    q_base, q_dims = unwrap_independent(q)
+    p_base, p_dims = unwrap_independent(p)
     if q_dims == p_dims:
         return q_base.log_prob(value) - p_base.log_prob(value)
     return q.log_prob(value) - p.log_prob(value)

@@ -17,19 +17,25 @@ bound.
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import torch
 from pyro import poutine
-from pyro.infer import ELBO
 from pyro.distributions.util import scale_and_mask
+from pyro.infer import ELBO
 from pyro.infer.util import is_validation_enabled
 from pyro.poutine.util import prune_subsample_sites
 from pyro.util import check_model_guide_match, check_site_shape
 
+from ..ops import sum_except, surrogate_loss
 from ..pairs import (
-    PARTICLES, Vectorization, check_vectorization, data_frames, is_local, subsample_scale, vectorization_advice,
+    PARTICLES,
+    Vectorization,
+    check_vectorization,
+    data_frames,
+    is_local,
+    subsample_scale,
+    vectorization_advice,
     with_particles,
 )
 from .base import BetaMixin
@@ -68,7 +74,7 @@ class LogWeights(NamedTuple):
         factorizes, else one joint weight for the batch (shape ``(K, 1, ..., 1)``)."""
         if self.factorizes:
             return self.local
-        return self.other + self.data_scale * _sum_except(self.local, self.particle_dim)
+        return self.other + self.data_scale * sum_except(self.local, self.particle_dim)
 
     def total(self, per_point: torch.Tensor) -> torch.Tensor:
         """Sum a per-data-point quantity (``joint()``-shaped, particles reduced) over the batch."""
@@ -85,11 +91,6 @@ class LogWeights(NamedTuple):
             key: torch.cat([getattr(part, key) for part in parts], pd)
             for key in ("local", "other", "local_q", "other_q")
         })
-
-
-def _sum_except(value: torch.Tensor, keep: int) -> torch.Tensor:
-    dims = [d for d in range(-value.dim(), 0) if d != keep]
-    return value.sum(dims, keepdim=True) if dims else value
 
 
 def _reduce(value: torch.Tensor, keep: Sequence[int], ndim: int) -> torch.Tensor:
@@ -349,7 +350,7 @@ class ParticleELBO(BetaMixin, ELBO):
     def differentiable_loss(self, model, guide, *args, **kwargs) -> torch.Tensor:
         """``-bound`` in value; its gradient is this estimator's gradient of ``-bound``."""
         bound, surrogate = self._surrogate(model, guide, args, kwargs)
-        return -surrogate + (surrogate - bound).detach()
+        return surrogate_loss(bound, surrogate)
 
     def loss(self, model, guide, *args, **kwargs) -> float:
         """``-bound`` as a float, without gradients."""
@@ -363,8 +364,3 @@ class ParticleELBO(BetaMixin, ELBO):
         if loss.requires_grad:
             loss.backward()
         return float(loss.detach())
-
-
-def log_mean_exp(value: torch.Tensor, dim: int) -> torch.Tensor:
-    """``log(mean(exp(value)))`` along ``dim``, keeping it, computed stably."""
-    return torch.logsumexp(value, dim, keepdim=True) - math.log(value.shape[dim])

@@ -10,7 +10,7 @@ from pyro.distributions.kl import kl_divergence
 from pyro.poutine.messenger import Messenger
 
 from ..schedules import Constant, Schedule
-from .base import _guide_covers_model, latent_sites
+from .base import guide_covers_model, latent_sites
 from .particles import LogWeights, ParticleELBO
 
 __all__ = ["RelaxedELBO"]
@@ -178,7 +178,7 @@ class RelaxedELBO(ParticleELBO):
         return self.log_weights(model_trace, guide_trace, guide_zero, model_kl)
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
-        _guide_covers_model(self._name, model_trace, guide_trace)
+        guide_covers_model(self._name, model_trace, guide_trace)
         discrete = {n: s for n, s in latent_sites(guide_trace).items() if s["fn"].support.is_discrete}
         if not discrete:
             raise ValueError(

@@ -12,8 +12,8 @@ from pyro.poutine.messenger import Messenger
 from torch import nn
 
 from ..pairs import auxiliary_sites, latent_sites
-from .base import _guide_covers_model
-from .kl_control import _unwrap
+from .base import guide_covers_model
+from .kl_control import unwrap_independent
 from .particles import LogWeights, ParticleELBO
 
 __all__ = ["ScoreFunctionELBO", "NVILBaseline"]
@@ -60,7 +60,7 @@ class _ScoreFunctionOnly(TorchDistribution):
         return self.base_dist.variance
 
 
-class _ScoreFunctionGuide(Messenger):
+class ScoreFunctionGuide(Messenger):
     """Treat every latent site of a guide as non-reparameterizable."""
 
     def _pyro_sample(self, msg) -> None:
@@ -70,7 +70,7 @@ class _ScoreFunctionGuide(Messenger):
 
 def _is_point_mass(fn) -> bool:
     """A ``Delta`` without a density of its own (``log_density`` 0), as ``AutoDelta`` returns."""
-    base = _unwrap(fn)[0]
+    base = unwrap_independent(fn)[0]
     if not isinstance(base, Delta):
         return False
     log_density = base.log_density
@@ -233,7 +233,7 @@ class ScoreFunctionELBO(ParticleELBO):
         self._averages = {k.split("/", 1)[1]: v for k, v in state.items() if k.startswith("average/")}
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
-        _guide_covers_model(self._name, model_trace, guide_trace)
+        guide_covers_model(self._name, model_trace, guide_trace)
         refuse_point_estimates(self._name, guide_trace)
         if self.baseline_net is not None:
             x = args[0] if args else None
@@ -246,10 +246,10 @@ class ScoreFunctionELBO(ParticleELBO):
             self.baseline_net.build(x)
 
     def _wrap_guide(self, guide):
-        return _ScoreFunctionGuide()(guide)
+        return ScoreFunctionGuide()(guide)
 
-    def _average(self, key: str, value: torch.Tensor) -> torch.Tensor:
-        """The running average before this step (0 at the first), then update it."""
+    def running_average(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """The decaying average ``key`` of the learning signal before this step (0 at the first), then update it with ``value``."""
         value = value.detach()
         old = self._averages.get(key)
         if old is None:
@@ -268,8 +268,8 @@ class ScoreFunctionELBO(ParticleELBO):
             return zero, zero, zero, zero
         b_other = b_total = zero
         if weights.has_other:
-            b_other = self._average("other", other.mean())
-            b_total = self._average("total", joint.mean())
+            b_other = self.running_average("other", other.mean())
+            b_total = self.running_average("total", joint.mean())
         if self.baseline == "nvil" and weights.data_dims:
             if len(weights.data_dims) != 1:
                 raise ValueError("The 'nvil' baseline needs a single data plate.")
@@ -279,10 +279,28 @@ class ScoreFunctionELBO(ParticleELBO):
             b_local = self.baseline_net(args[0]).reshape(shape)
             regression = ((local - b_local) ** 2).mean()
             return b_local.detach(), b_other, b_total, regression
-        return self._average("local", local.mean()), b_other, b_total, zero
+        return self.running_average("local", local.mean()), b_other, b_total, zero
 
     def _surrogate(self, model, guide, args, kwargs):
-        weights = self.particle_weights(model, guide, *args, **kwargs)
+        return self.surrogate(self.particle_weights(model, guide, *args, **kwargs), args)
+
+    def surrogate(self, weights: LogWeights, args: tuple = ()) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""``(bound, surrogate)`` from the log weights of ``num_particles`` draws: the ELBO and the REINFORCE surrogate.
+
+        With :math:`\ell_i` the terms of data point :math:`i` (``weights.local``, scaled by the
+        subsampling factor :math:`s`), :math:`\log q_i` its latents' guide log-density, :math:`b`
+        the baselines and :math:`o` the terms outside the data plate,
+
+        .. math::
+
+            \text{bound} = \tfrac1K \sum_k \big(s \sum_i \ell_{ik} + o_k\big), \qquad
+            \text{surrogate} = \text{bound} + \tfrac1K \sum_k \sum_i \big(s(\ell_{ik} - b_i) + o_k - b_o\big) \log q_{ik}
+                [+ (\log w_k - b_w)\log q^{\text{global}}_k]
+
+        (the signals and baselines held fixed). The fast step of the built-in models calls it with
+        its own weights, so the surrogate is written here only. ``args``: the pair's arguments (the
+        NVIL baseline reads the data from the first).
+        """
         k = self.num_particles
         scale = weights.data_scale
         bound = (scale * weights.local.sum() + weights.other.sum()) / k

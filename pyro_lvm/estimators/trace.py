@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import warnings
 
-import torch
 from pyro.distributions import Delta
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 from pyro.distributions.kl import kl_divergence
+from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
 
-from ..pairs import drawn_sites, later_dependencies, latent_sites
-from .base import BetaMixin, _guide_covers_model, refuse_model_enumeration, guide_order_matches_model
-from .kl_control import KLControlMixin, _is_flow, _unwrap
+from ..pairs import drawn_sites, latent_sites, later_dependencies
+from .base import (
+    BetaMixin,
+    guide_covers_model,
+    guide_order_matches_model,
+    refuse_model_enumeration,
+)
+from .kl_control import KLControlMixin, is_flow, unwrap_independent
 
 __all__ = ["ReparamELBO", "AnalyticKLELBO"]
 
@@ -132,7 +136,7 @@ class AnalyticKLELBO(KLControlMixin, BetaMixin, TraceMeanField_ELBO):
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
         refuse_model_enumeration("analytic_kl", model_trace, guide_trace)
-        _guide_covers_model("analytic_kl", model_trace, guide_trace)
+        guide_covers_model("analytic_kl", model_trace, guide_trace)
         self._check_kl_control(model_trace, guide_trace, "analytic_kl")
         for name, site in drawn_sites(guide_trace).items():
             if not site["fn"].has_rsample:
@@ -145,15 +149,15 @@ class AnalyticKLELBO(KLControlMixin, BetaMixin, TraceMeanField_ELBO):
         model_sites = latent_sites(model_trace)
         for name, site in latent_sites(guide_trace).items():
             q, p = site["fn"], model_sites[name]["fn"]
-            if isinstance(_unwrap(q)[0], Delta):
+            if isinstance(unwrap_independent(q)[0], Delta):
                 continue  # an autoguide's site: its density is on the auxiliary draw (Monte Carlo, as in Pyro)
             try:
                 kl_divergence(q, p)
             except NotImplementedError:
-                if _is_flow(q) or _is_flow(p):
+                if is_flow(q) or is_flow(p):
                     raise ValueError(
                         f"'analytic_kl' needs KL(q || p) in closed form, but site {name!r} has a "
-                        f"normalizing flow ({'q' if _is_flow(q) else 'p'} is a TransformedDistribution, "
+                        f"normalizing flow ({'q' if is_flow(q) else 'p'} is a TransformedDistribution, "
                         "e.g. VAE(prior_flow=...) or VAE(posterior_flow=...)), which has none. Use "
                         "'reparam' or 'iwae' (Monte-Carlo log q - log p)."
                     ) from None

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .base import _guide_covers_model
-from .particles import ParticleELBO, _sum_except, log_mean_exp
-from .score_function import _ScoreFunctionGuide, refuse_point_estimates
+from ..ops import log_mean_exp, sum_except
+from .base import guide_covers_model
+from .particles import ParticleELBO
+from .score_function import ScoreFunctionGuide, refuse_point_estimates
 
 __all__ = ["VIMCOELBO"]
 
@@ -58,11 +57,11 @@ class VIMCOELBO(ParticleELBO):
     min_particles = 2
 
     def _check_traces(self, model_trace, guide_trace, args, kwargs) -> None:
-        _guide_covers_model(self._name, model_trace, guide_trace)
+        guide_covers_model(self._name, model_trace, guide_trace)
         refuse_point_estimates(self._name, guide_trace)
 
     def _wrap_guide(self, guide):
-        return _ScoreFunctionGuide()(guide)
+        return ScoreFunctionGuide()(guide)
 
     def _surrogate(self, model, guide, args, kwargs):
         weights = self.particle_weights(model, guide, *args, **kwargs)
@@ -79,11 +78,11 @@ class VIMCOELBO(ParticleELBO):
         eye = torch.eye(k, dtype=torch.bool, device=log_w.device)
         eye = eye.reshape((k, k) + (1,) * (log_w.dim() - 1))
         replaced = torch.where(eye, others.unsqueeze(1), detached.unsqueeze(0))  # [j, k, ...]
-        loo = torch.logsumexp(replaced, dim=1) - math.log(k)
+        loo = log_mean_exp(replaced, 1, keepdim=False)
         signal = bound_i.detach() - loo
         log_q = weights.local_q if weights.factorizes else (
             weights.other_q
-            + _sum_except(weights.local_q, pd)
+            + sum_except(weights.local_q, pd)
         )
         score = weights.total((signal * log_q).sum(pd, keepdim=True))
         return bound, bound + score

@@ -9,9 +9,11 @@ for :math:`x = f(u)`, :math:`u \\sim p_U`,
 
     \\log p_X(x) = \\log p_U(f^{-1}(x)) - \\log\\,\\big|\\det J_f(f^{-1}(x))\\big|,
 
-exact, with no lower bound. :func:`nice` and :func:`realnvp` build stacks, and
-:class:`pyro_lvm.FlowModel` trains one by maximum likelihood (multi-scale RealNVP with
-:class:`FactorOut`). The same layers make flow priors and posteriors of a VAE (see
+exact, with no lower bound. :class:`NICE` and :class:`RealNVP` (built by :func:`nice` and
+:func:`realnvp`) are stacks of them that are themselves one Pyro transform (a
+:class:`~pyro.distributions.torch_transform.ComposeTransformModule`), and
+:class:`pyro_lvm.FlowModel` trains any transform by maximum likelihood (multi-scale RealNVP
+with :class:`FactorOut`). The same layers make flow priors and posteriors of a VAE (see
 :class:`pyro_lvm.VAE`'s ``prior_flow`` and ``posterior_flow``).
 
 The layers with parameters cache their last input and output (``cache_size=1``), as torch's
@@ -25,7 +27,7 @@ from .coupling import AdditiveCoupling, AffineCoupling, ConditionalAffineCouplin
 from .layers import ActNorm, DiagonalScaling, InvertibleConv1x1, Squeeze
 from .preprocessing import Logit, bits_per_dim, dequantize
 from .multiscale import FactorOut
-from .stacks import initialize_actnorm, nice, realnvp
+from .stacks import NICE, RealNVP, initialize_actnorm, nice, realnvp, transform_parts
 from .vae_flows import flow_posterior, flow_prior, posterior_flow, prior_flow
 
 __all__ = [
@@ -41,9 +43,12 @@ __all__ = [
     "bits_per_dim",
     "dequantize",
     "FactorOut",
+    "NICE",
+    "RealNVP",
     "initialize_actnorm",
     "nice",
     "realnvp",
+    "transform_parts",
     "prior_flow",
     "posterior_flow",
     "flow_prior",

@@ -15,6 +15,7 @@ from torch.distributions import Transform
 from ._cache import ParameterAwareCache
 
 __all__ = [
+    "as_event_shape",
     "coupling_mask",
     "AdditiveCoupling",
     "AffineCoupling",
@@ -27,7 +28,13 @@ _SCALES = ("tanh", "sigmoid")
 _INITS = ("identity", "shift")
 
 
-def _event_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
+def as_event_shape(event_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """A flow's event shape as a tuple, checked: ``D`` (flat vectors) or ``(C, H, W)`` (images).
+
+    Example:
+        >>> as_event_shape(4), as_event_shape([1, 8, 8])
+        ((4,), (1, 8, 8))
+    """
     shape = (int(event_shape),) if isinstance(event_shape, int) else tuple(int(s) for s in event_shape)
     if len(shape) not in (1, 3) or any(s < 1 for s in shape):
         raise ValueError(
@@ -67,7 +74,7 @@ def coupling_mask(kind: str, shape: int | Sequence[int], parity: int = 0) -> tor
         >>> coupling_mask("checkerboard", (1, 2, 2), parity=0).int().tolist()
         [[[1, 0], [0, 1]]]
     """
-    shape = _event_shape(shape)
+    shape = as_event_shape(shape)
     if parity not in (0, 1):
         raise ValueError(f"parity must be 0 or 1; got {parity!r}.")
     if kind not in _MASK_KINDS:
@@ -213,7 +220,7 @@ class _Coupling(ParameterAwareCache, TransformModule):
     ) -> None:
         super().__init__(cache_size=cache_size)
         self.init = _check_init(init)
-        self.event_shape = _event_shape(event_shape)
+        self.event_shape = as_event_shape(event_shape)
         self.dim = -len(self.event_shape)
         kind = mask if mask is not None else ("half" if len(self.event_shape) == 1 else "checkerboard")
         self.mask_kind = kind

@@ -6,13 +6,16 @@ from typing import Optional, Sequence
 
 import pyro.distributions as dist
 import torch
-from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.conditional import ConditionalComposeTransformModule, ConditionalTransformModule
+from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.distributions.transforms import ConditionalAffineAutoregressive, Permute
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch import nn
+from torch.distributions import Transform
 
 from .coupling import AdditiveCoupling, AffineCoupling, ConditionalAffineCoupling
 from .layers import DiagonalScaling
+from .stacks import transform_parts
 
 __all__ = ["PRIOR_FLOWS", "POSTERIOR_FLOWS", "prior_flow", "posterior_flow", "flow_prior", "flow_posterior"]
 
@@ -34,14 +37,16 @@ def _check(kind: Optional[str], kinds: tuple, argument: str, latent_dim: int, nu
 
 def prior_flow(
     latent_dim: int, kind: str = "realnvp", num_layers: int = 4, hidden: Sequence[int] = (64, 64)
-) -> nn.ModuleList:
-    r"""The transforms of a flow prior over ``z`` of shape ``(latent_dim,)``, base to ``z``.
+) -> ComposeTransformModule:
+    r"""The flow of a flow prior over ``z`` of shape ``(latent_dim,)``, base to ``z``, as one Pyro transform.
 
     ``"realnvp"``: ``num_layers`` affine couplings (:class:`~pyro_lvm.flows.AffineCoupling`)
     with alternating ``"half"`` masks; ``"nice"``: additive couplings
     (:class:`~pyro_lvm.flows.AdditiveCoupling`) followed by a learned
     :class:`~pyro_lvm.flows.DiagonalScaling`, NICE's only volume change. Every coupling
-    starts as the identity, so a fresh flow prior is :math:`\mathcal N(0, I)`.
+    starts as the identity, so a fresh flow prior is :math:`\mathcal N(0, I)`. The layers
+    are composed in a :class:`~pyro.distributions.torch_transform.ComposeTransformModule`
+    (iterating it gives them).
 
     References:
         Density estimation using Real NVP (Dinh et al., 2016), https://arxiv.org/abs/1605.08803 ;
@@ -54,9 +59,12 @@ def prior_flow(
         hidden: hidden widths of each coupling's MLP.
 
     Example:
-        >>> layers = prior_flow(2, "realnvp", num_layers=2, hidden=(8,))
-        >>> [type(t).__name__ for t in layers]
+        >>> flow = prior_flow(2, "realnvp", num_layers=2, hidden=(8,))
+        >>> [type(t).__name__ for t in flow]
         ['AffineCoupling', 'AffineCoupling']
+        >>> z = torch.randn(3, 2)
+        >>> torch.allclose(flow(flow.inv(z)), z, atol=1e-6)
+        True
     """
     _check(kind, PRIOR_FLOWS, "prior_flow", latent_dim, num_layers)
     hidden = tuple(hidden)
@@ -67,7 +75,7 @@ def prior_flow(
     else:
         layers = [AdditiveCoupling(latent_dim, hidden=hidden, mask="half", parity=i % 2) for i in range(num_layers)]
         layers.append(DiagonalScaling(latent_dim))
-    return nn.ModuleList(layers)
+    return ComposeTransformModule(layers)
 
 
 def posterior_flow(
@@ -76,15 +84,17 @@ def posterior_flow(
     kind: str = "coupling",
     num_layers: int = 4,
     hidden: Sequence[int] = (64, 64),
-) -> nn.ModuleList:
-    r"""The conditional transforms of a flow posterior, applied after the Gaussian base.
+) -> ConditionalComposeTransformModule:
+    r"""The conditional flow of a flow posterior, applied after the Gaussian base, as one Pyro conditional transform.
 
     ``"coupling"``: ``num_layers`` :class:`~pyro_lvm.flows.ConditionalAffineCoupling` with
     alternating ``"half"`` masks whose nets also see the context :math:`c(x)` (each starts
     as the identity); ``"iaf"``: inverse autoregressive flow, Pyro's
     :class:`~pyro.distributions.transforms.ConditionalAffineAutoregressive` layers with a
     reversal of ``z`` between them (sampling and the density of a sample are one pass each;
-    the density of another value inverts the layer in ``latent_dim`` passes).
+    the density of another value inverts the layer in ``latent_dim`` passes). The layers are
+    composed in a :class:`~pyro.distributions.conditional.ConditionalComposeTransformModule`
+    (iterating it gives them; ``flow.condition(c)`` is the composed transform given :math:`c`).
 
     References:
         Improved Variational Inference with Inverse Autoregressive Flow (Kingma et al., 2016),
@@ -98,19 +108,22 @@ def posterior_flow(
         hidden: hidden widths of each layer's net.
 
     Example:
-        >>> layers = posterior_flow(2, context_dim=3, num_layers=2, hidden=(8,))
-        >>> [type(t).__name__ for t in layers]
+        >>> flow = posterior_flow(2, context_dim=3, num_layers=2, hidden=(8,))
+        >>> [type(t).__name__ for t in flow]
         ['ConditionalAffineCoupling', 'ConditionalAffineCoupling']
+        >>> z, c = torch.randn(4, 2), torch.randn(4, 3)
+        >>> torch.allclose(flow.condition(c)(flow.condition(c).inv(z)), z, atol=1e-6)
+        True
     """
     _check(kind, POSTERIOR_FLOWS, "posterior_flow", latent_dim, num_layers)
     if context_dim < 1:
         raise ValueError(f"flow_context_dim must be a positive integer; got {context_dim}.")
     hidden = tuple(hidden)
     if kind == "coupling":
-        return nn.ModuleList(
+        return ConditionalComposeTransformModule([
             ConditionalAffineCoupling(latent_dim, context_dim, hidden=hidden, mask="half", parity=i % 2)
             for i in range(num_layers)
-        )
+        ])
     layers: list[nn.Module] = []
     reverse = torch.arange(latent_dim - 1, -1, -1)
     for i in range(num_layers):
@@ -118,7 +131,7 @@ def posterior_flow(
             layers.append(_Reverse(reverse))
         arn = ConditionalAutoRegressiveNN(latent_dim, context_dim, list(hidden), permutation=torch.arange(latent_dim))
         layers.append(ConditionalAffineAutoregressive(arn))
-    return nn.ModuleList(layers)
+    return ConditionalComposeTransformModule(layers)
 
 
 class _Reverse(ConditionalTransformModule):
@@ -132,8 +145,8 @@ class _Reverse(ConditionalTransformModule):
         return Permute(self.permutation)
 
 
-def flow_prior(base: dist.TorchDistribution, layers: nn.ModuleList) -> dist.TransformedDistribution:
-    r"""p(z): ``base`` (e.g. :math:`\mathcal N(0, I)`) pushed through ``layers``.
+def flow_prior(base: dist.TorchDistribution, flow: Transform | Sequence[Transform]) -> dist.TransformedDistribution:
+    r"""p(z): ``base`` (e.g. :math:`\mathcal N(0, I)`) pushed through ``flow`` (a transform, or a list of them).
 
     .. math::
 
@@ -145,13 +158,13 @@ def flow_prior(base: dist.TorchDistribution, layers: nn.ModuleList) -> dist.Tran
         >>> p.rsample((5,)).shape, p.event_shape
         (torch.Size([5, 2]), torch.Size([2]))
     """
-    return dist.TransformedDistribution(base, list(layers))
+    return dist.TransformedDistribution(base, transform_parts(flow))
 
 
 def flow_posterior(
-    base: dist.TorchDistribution, layers: nn.ModuleList, context: torch.Tensor
+    base: dist.TorchDistribution, flow: Sequence[ConditionalTransformModule], context: torch.Tensor
 ) -> dist.TransformedDistribution:
-    r"""q(z | x): ``base`` :math:`\mathcal N(\mu(x), \operatorname{diag}\sigma(x)^2)` pushed through ``layers`` given :math:`c(x)`.
+    r"""q(z | x): ``base`` :math:`\mathcal N(\mu(x), \operatorname{diag}\sigma(x)^2)` pushed through ``flow`` given :math:`c(x)`.
 
     The context has shape ``(..., context_dim)`` and broadcasts against the batch
     dims of ``z`` (e.g. a particle dim on the left of the data dim).
@@ -163,4 +176,5 @@ def flow_posterior(
         >>> q.log_prob(z).shape
         torch.Size([4])
     """
+    layers = flow.transforms if isinstance(flow, ConditionalComposeTransformModule) else flow
     return dist.TransformedDistribution(base, [layer.condition(context) for layer in layers])

@@ -11,7 +11,7 @@ from torch.nn.functional import softplus
 
 from ..estimators.kl_control import kl_per_variable
 from ..likelihoods import Likelihood, make_likelihood
-from ..nets import MLP, ConvDecoder, ConvEncoder, _over_images
+from ..nets import MLP, ConvDecoder, ConvEncoder, over_images
 from ..nets import activation as _activation
 from .base import LatentVariableModel
 
@@ -182,11 +182,11 @@ class ConvVAE(LatentVariableModel):
     # ----- conveniences --------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of q(z | x), each of shape ``(..., *latent_shape)``."""
-        h = _over_images(self.encoder, x)
+        h = over_images(self.encoder, x)
         loc, raw = h.chunk(2, dim=-len(self.latent_shape))  # the channel dim, or the vector's
         return loc, softplus(raw) + 1e-5
 
-    def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         batch = z.shape[: z.dim() - len(self.latent_shape)]
         h = self.decoder(z.reshape((-1,) + self.latent_shape))
         return h.reshape(batch + (-1,))

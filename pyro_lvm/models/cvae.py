@@ -13,10 +13,10 @@ from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from torch.nn.functional import softplus
 
-from ..estimators.particles import log_mean_exp
 from ..likelihoods import Likelihood, make_likelihood
 from ..nets import MLP
-from .base import LatentVariableModel
+from ..ops import log_mean_exp
+from .base import DataChecks, LatentVariableModel, data_plate
 
 __all__ = ["ConditionalVAE", "DeterministicBaseline", "evaluate_conditional"]
 
@@ -64,10 +64,10 @@ class _ConditionalIO:
     ) -> None:
         if not is_validation_enabled():
             return
-        self._check(x, support=False, shape=self.input_shape, arg="input_shape")  # x is -1 where hidden
+        self.check_batch(x, support=False, shape=self.input_shape, arg="input_shape")  # x is -1 where hidden
         if y is None:
             return
-        self._check(y, support=support, name="y")
+        self.check_batch(y, support=support, name="y")
         if y.shape[0] != x.shape[0]:
             raise ValueError(
                 f"x and y must hold the same number of examples; got {x.shape[0]} inputs and "
@@ -215,9 +215,9 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         pyro.module("likelihood", self.likelihood)
         if self.prior_net is not None:
             pyro.module("prior_net", self.prior_net)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             z = pyro.sample("z", self.conditional_prior(x))
-            return self._observe(self.likelihood(self._decoder_output(z, x)), y, mask)
+            return self._observe(self.likelihood(self.decoder_output(z, x)), y, mask)
 
     def guide(
         self,
@@ -231,10 +231,10 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         if y is None:
             if self.prior_net is not None:
                 pyro.module("prior_net", self.prior_net)
-            with self._plate(x, num_data):
+            with data_plate(x, num_data):
                 return pyro.sample("z", self.conditional_prior(x))
         pyro.module("encoder", self.encoder)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             loc, scale = self.encode(x, y)
             return pyro.sample("z", dist.Normal(loc, scale).to_event(1))
 
@@ -257,7 +257,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         y = y.reshape(y.shape[: y.dim() - len(self.event_shape)] + (-1,))
         return self._gaussian(self.encoder(torch.cat([self._flat_input(x), y], dim=-1)))
 
-    def _decoder_output(self, z: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def decoder_output(self, z: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x is None:
             raise ValueError(
                 "ConditionalVAE decodes (x, z), not z alone: pass the input x, e.g. decode(z, x), "
@@ -270,7 +270,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
 
     def decode(self, z: torch.Tensor, x: Optional[torch.Tensor] = None) -> torch.Tensor:
         """E[y | x, z] for ``z`` of shape ``(..., B, latent_dim)`` and ``x`` of shape ``(B, *input_shape)``."""
-        return self.likelihood.mean(self._decoder_output(z, x))
+        return self.likelihood.mean(self.decoder_output(z, x))
 
     # ----- prediction and evaluation --------------------------------------------------
     @torch.no_grad()
@@ -280,7 +280,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         Returns a tensor of shape ``(num_samples, B, *data_shape)``.
         """
         z = self.conditional_prior(x).sample(torch.Size([num_samples]))
-        h = self._decoder_output(z, x)
+        h = self.decoder_output(z, x)
         return self.likelihood.mean(h) if mean else self.likelihood(h).sample()
 
     @torch.no_grad()
@@ -299,7 +299,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
     def _log_likelihood(
         self, x: torch.Tensor, y: torch.Tensor, mask: Optional[torch.Tensor], z: torch.Tensor
     ) -> torch.Tensor:
-        return _restricted(self.likelihood(self._decoder_output(z, x)), mask).log_prob(y)
+        return _restricted(self.likelihood(self.decoder_output(z, x)), mask).log_prob(y)
 
     @torch.no_grad()
     def conditional_log_likelihood(
@@ -341,7 +341,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         )
 
 
-class DeterministicBaseline(_ConditionalIO, PyroModule):
+class DeterministicBaseline(_ConditionalIO, DataChecks, PyroModule):
     r"""A deterministic network from x to the distribution of y: the baseline of Sohn et al. (2015).
 
     .. math::
@@ -404,10 +404,6 @@ class DeterministicBaseline(_ConditionalIO, PyroModule):
         self.input_shape = self.event_shape if input_shape is None else _as_size(input_shape)
         self.net = MLP(math.prod(self.input_shape), hidden_dims, self.likelihood.data_dim, activation)
 
-    # the data plate and the shape checks of the latent-variable models
-    _plate = LatentVariableModel._plate
-    _check = LatentVariableModel._check
-
     def model(
         self,
         x: torch.Tensor,
@@ -419,7 +415,7 @@ class DeterministicBaseline(_ConditionalIO, PyroModule):
         self._check_batch(x, y, mask, support=True)
         pyro.module("net", self.net)
         pyro.module("likelihood", self.likelihood)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             return self._observe(self.likelihood(self.net(self._flat_input(x))), y, mask)
 
     def guide(

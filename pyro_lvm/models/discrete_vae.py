@@ -165,7 +165,7 @@ class DiscreteVAE(LatentVariableModel):
         """q(z | x): independent categoricals (or Bernoullis) with logits from the encoder."""
         return self.latent_dist(self.encode(x))
 
-    def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         # flatten only the per-data-point dims of z: leading dims may be particles or
         # enumerated values; with latent_event_dim == 0 this appends the M = 1 dim
         flat = z.reshape(z.shape[: z.dim() - self.latent_event_dim] + (-1,))
@@ -179,7 +179,7 @@ class DiscreteVAE(LatentVariableModel):
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """E[x | z] for ``z`` in the site's shape, e.g. pixel probabilities for a Bernoulli likelihood."""
-        return self.likelihood.mean(self._decoder_output(z))
+        return self.likelihood.mean(self.decoder_output(z))
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, sample: bool = False) -> torch.Tensor:

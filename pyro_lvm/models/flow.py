@@ -2,35 +2,54 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+import json
 import math
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pyro
 import pyro.distributions as dist
 import torch
+from pyro.distributions.torch_transform import ComposeTransformModule
 from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from torch import nn
+from torch.distributions import Distribution, Transform
 
-from ..flows import stacks
-from ..flows.stacks import initialize_actnorm
 from ..flows.layers import ActNorm, DiagonalScaling
 from ..flows.preprocessing import Logit
 from ..flows.preprocessing import bits_per_dim as _bits_per_dim
 from ..flows.preprocessing import dequantize as _dequantize
-from .base import LatentVariableModel
+from ..flows.stacks import initialize_actnorm, transform_parts
+from .base import data_plate
 
 __all__ = ["FlowModel"]
 
-_STACKS = {"nice": stacks.nice, "realnvp": stacks.realnvp}
 _BASES = {"normal": dist.Normal, "logistic": dist.Logistic}
+CUSTOM = "custom"  # the config's value for a part given as an object that no config rebuilds
+
+
+def _refusing_the_old_spelling(init: Callable) -> Callable:
+    """``init`` behind a check that refuses the earlier ``FlowModel(event_shape, "realnvp", ...)`` with the new
+    spelling; ``functools.wraps`` keeps ``init``'s own signature for jsonargparse, Sphinx and IDEs."""
+
+    @functools.wraps(init)
+    def checked(self: nn.Module, *args: Any, **kwargs: Any) -> None:
+        message = _old_spelling_message(args, kwargs)
+        if message is not None:
+            raise TypeError(message)
+        init(self, *args, **kwargs)
+
+    return checked
 
 
 class FlowModel(PyroModule):
-    r"""A density model :math:`x = f(u)`, :math:`u \sim p_U` (by default :math:`\mathcal N(0, I)`), with :math:`f` a stack of flow layers.
+    r"""A density model :math:`x = f(u)`, :math:`u \sim p_U`, for any invertible transform :math:`f` (a Pyro ``TransformModule``).
 
-    By the change of variables, with :math:`f = f_K \circ \dots \circ f_1` (the list
-    ``transforms`` in the generative direction) and :math:`u = f^{-1}(x)`,
+    By the change of variables, with :math:`f = f_K \circ \dots \circ f_1` (the
+    ``transform``, e.g. a :class:`~pyro_lvm.flows.RealNVP` stack, in the generative
+    direction) and :math:`u = f^{-1}(x)`,
 
     .. math::
 
@@ -41,7 +60,8 @@ class FlowModel(PyroModule):
     + \operatorname{softplus}(-u_i)\big)`, whose tails fall linearly in :math:`\lvert u\rvert`
     instead of quadratically: a point far out in base space (e.g. a pixel that was constant in
     the batch that initialized a :class:`~pyro_lvm.flows.DiagonalScaling`) costs nats in
-    proportion to its distance, not to its square.
+    proportion to its distance, not to its square. It has the shape
+    ``transform.inverse_shape(event_shape)`` (``base_shape``).
 
     The model observes ``x`` from this distribution inside the data plate and has no latent
     site (its ``guide`` does nothing), so it trains by maximum likelihood through
@@ -55,16 +75,41 @@ class FlowModel(PyroModule):
     factor :math:`-D \log K`, so that the logged ELBO is the dequantization bound
     :math:`\mathbb E_u[\log p(y)] - D\log K \le \log P(x)` on the log-probability of the
     discrete data, and bits/dim are those of the :math:`K`-level data (Theis et al. 2016).
-    With ``logit_alpha`` (RealNVP's pre-processing, :class:`~pyro_lvm.flows.Logit`) the stack
-    models :math:`\operatorname{logit}(\alpha + (1 - 2\alpha) y)`; the log-determinant of
-    this map is counted, so likelihoods stay those of :math:`y`. (With :math:`\alpha > 0` the
+    With ``logit_alpha`` (RealNVP's pre-processing, :class:`~pyro_lvm.flows.Logit`) the
+    transform models :math:`\operatorname{logit}(\alpha + (1 - 2\alpha) y)`; the log-determinant
+    of this map is counted, so likelihoods stay those of :math:`y`. (With :math:`\alpha > 0` the
     mass the flow puts beyond :math:`\operatorname{logit}(\alpha)` is lost: the reported
     likelihood is then a slight under-estimate, never an over-estimate.)
 
-    If the stack has :class:`~pyro_lvm.flows.ActNorm` layers (at any depth of a multi-scale
-    stack) or NICE's :class:`~pyro_lvm.flows.DiagonalScaling`, they are initialized from data by :meth:`initialize`, which :meth:`model` calls
-    on the first batch seen in training mode (a batch with some spread: the all-zeros
-    :meth:`example_batch` is skipped).
+    If the transform has :class:`~pyro_lvm.flows.ActNorm` layers (at any depth of a
+    multi-scale stack) or NICE's :class:`~pyro_lvm.flows.DiagonalScaling`, they are
+    initialized from data by :meth:`initialize`, which :meth:`model` calls on the first batch
+    seen in training mode (a batch with some spread: the all-zeros :meth:`example_batch` is
+    skipped).
+
+    **Configuration and checkpoints.** ``config`` holds plain data that rebuilds the model,
+    ``FlowModel(**flow.config)``: the transform as ``{"class_path": ..., "init_args": ...}``
+    when it is one of pyro_lvm's stacks (:class:`~pyro_lvm.flows.NICE`,
+    :class:`~pyro_lvm.flows.RealNVP`), which is also how a YAML config writes it::
+
+        model:
+          class_path: pyro_lvm.FlowModel
+          init_args:
+            transform:
+              class_path: pyro_lvm.flows.RealNVP
+              init_args: {event_shape: [1, 28, 28], num_scales: 2, actnorm: true}
+            dequantize: 256
+            logit_alpha: 1.0e-6
+
+    Such a dict is built only from a class inside ``pyro_lvm`` (a configuration runs no
+    foreign code). A transform of any other kind (a user's own, Pyro's) and a base given as
+    a distribution are recorded as ``"custom"``: a checkpoint then holds their weights but
+    cannot rebuild them; build the model in code and load the ``state_dict``.
+
+    The stack's own options (``num_layers``, ``hidden``, ``actnorm``, ``num_scales``, ...)
+    are arguments of the stack, not of FlowModel: the earlier spelling
+    ``FlowModel(event_shape, "realnvp", num_layers=...)`` raises a ``TypeError`` that spells
+    out the call to write instead.
 
     References:
         Dinh, Krueger and Bengio, NICE, 2014, https://arxiv.org/abs/1410.8516 ;
@@ -74,65 +119,77 @@ class FlowModel(PyroModule):
         https://arxiv.org/abs/1511.01844
 
     Arguments:
-        event_shape: shape of one data point: an int for flat vectors, ``(C, H, W)`` for images.
-        transforms: ``"realnvp"`` (default when ``None``), ``"nice"``, or a sequence of
-            transform modules in the generative direction (base to data).
-        num_layers: couplings (see :func:`pyro_lvm.flows.realnvp` / :func:`pyro_lvm.flows.nice`).
-        hidden: hidden widths of each coupling's net.
-        actnorm: RealNVP only: an ActNorm before each coupling.
-        scale: RealNVP only: ``"tanh"`` or ``"sigmoid"`` log-scales.
-        num_scales: RealNVP on images only: the number of scales of the multi-scale
-            architecture (half the channels factored out at each scale but the last).
-        conv1x1: RealNVP only: an invertible 1x1 convolution before each coupling.
-        init: how the couplings start: ``"shift"`` (a random shift with log-determinant 0,
-            which learns faster) or ``"identity"`` (see :func:`pyro_lvm.flows.realnvp`).
+        transform: the flow :math:`f`, base to data: a transform (a
+            :class:`~pyro_lvm.flows.RealNVP` or :class:`~pyro_lvm.flows.NICE` stack, any
+            Pyro ``TransformModule`` or torch ``Transform``), a list of transforms (composed in
+            order), or a stack's configuration ``{"class_path": ..., "init_args": ...}``.
+        base: the base distribution :math:`p_U`: ``"normal"`` (default), ``"logistic"``
+            (NICE's on MNIST; it trains NICE on data in :math:`[0, 1]` without a logit, where
+            the normal base diverges), or a distribution with event shape ``base_shape`` and
+            no batch shape (its tensors do not follow the model's ``.to(device)``).
         dequantize: the number of levels :math:`K` of discrete data, or ``None`` for
             continuous data.
         logit_alpha: the logit pre-processing's :math:`\alpha` (1e-6 for MNIST, 0.05 for
             CIFAR-10 in the RealNVP paper), or ``None`` for none. Needs data in :math:`[0, 1]`.
-        base: the base distribution, ``"normal"`` (default) or ``"logistic"`` (NICE's on
-            MNIST; it trains NICE on data in :math:`[0, 1]` without a logit, where the
-            normal base diverges).
-        mask: the couplings' mask on flat vectors, ``"half"`` (default: first half against
-            second) or ``"alternate"`` (even-indexed entries against odd ones, NICE's split
-            on MNIST); for images NICE takes ``"checkerboard"`` (default) or ``"channel"``.
-            See :func:`~pyro_lvm.flows.coupling_mask`.
-        stack_options: further keyword arguments of the named stack (from Python).
+        event_shape: shape of one data point, an int for flat vectors or ``(C, H, W)`` for
+            images; by default the transform's own ``event_shape`` (pyro_lvm's stacks and
+            couplings have one).
 
     Example:
-        >>> flow = FlowModel(2, "realnvp", hidden=(8,))
+        >>> from pyro_lvm.flows import NICE, RealNVP
+        >>> flow = FlowModel(RealNVP(2, hidden=(8,)))
         >>> x = torch.randn(5, 2)
         >>> flow.log_prob(x).shape
         torch.Size([5])
-        >>> torch.allclose(flow.distribution().log_prob(x), flow.log_prob(x))
+        >>> torch.allclose(flow.forward_map(flow.inverse(x)), x, atol=1e-5)
         True
-        >>> FlowModel(4, "nice", hidden=(8,), base="logistic").base()
+        >>> flow.config["transform"]["class_path"], flow.config["transform"]["init_args"]["hidden"]
+        ('pyro_lvm.flows.RealNVP', [8])
+        >>> rebuilt = FlowModel(**flow.config)
+        >>> _ = rebuilt.load_state_dict(flow.state_dict())
+        >>> torch.equal(rebuilt.log_prob(x), flow.log_prob(x))
+        True
+        >>> FlowModel(NICE(4, hidden=(8,)), base="logistic").base()
         Independent(Logistic(loc: torch.Size([4]), scale: torch.Size([4])), 1)
+        >>> from pyro.distributions.transforms import AffineTransform
+        >>> FlowModel(AffineTransform(0.0, 2.0), event_shape=3).config["transform"]
+        'custom'
     """
 
+    @_refusing_the_old_spelling
     def __init__(
         self,
-        event_shape: Union[int, Sequence[int]],
-        transforms: Union[None, str, Sequence[nn.Module]] = None,
-        num_layers: Optional[int] = None,
-        hidden: Optional[Sequence[int]] = None,
-        actnorm: bool = False,
-        scale: str = "tanh",
-        num_scales: int = 1,
-        conv1x1: bool = False,
-        init: str = "shift",
+        transform: Union[Transform, Sequence[Transform], dict],
+        base: Union[str, Distribution] = "normal",
         dequantize: Optional[int] = None,
         logit_alpha: Optional[float] = None,
-        base: str = "normal",
-        mask: Optional[str] = None,
-        **stack_options: Any,
+        event_shape: Union[None, int, Sequence[int]] = None,
     ) -> None:
         super().__init__()
+        transform = _as_transform_module(transform)
+        own_shape = getattr(transform, "event_shape", None)
+        if event_shape is None:
+            if own_shape is None:
+                raise ValueError(
+                    f"FlowModel needs event_shape, the shape of one data point, for a transform that does not "
+                    f"carry its own ({type(transform).__name__}); e.g. FlowModel(transform, event_shape=784)."
+                )
+            event_shape = own_shape
         self.event_shape = torch.Size(
             (int(event_shape),) if isinstance(event_shape, int) else tuple(int(s) for s in event_shape)
         )
         if len(self.event_shape) == 0 or any(s < 1 for s in self.event_shape):
             raise ValueError(f"event_shape must be a non-empty shape of positive sizes; got {event_shape!r}.")
+        if own_shape is not None and torch.Size(own_shape) != self.event_shape:
+            raise ValueError(
+                f"event_shape {tuple(self.event_shape)} differs from the transform's own event shape "
+                f"{tuple(own_shape)}; leave event_shape out (it defaults to the transform's)."
+            )
+        if transform.codomain.event_dim > len(self.event_shape):
+            raise ValueError(
+                f"The transform acts on events of {transform.codomain.event_dim} dims but event_shape "
+                f"{tuple(self.event_shape)} has {len(self.event_shape)}; set event_shape to the data's shape."
+            )
         if dequantize is not None and (isinstance(dequantize, bool) or int(dequantize) != dequantize or dequantize < 2):
             raise ValueError(
                 f"dequantize is the number of levels of the discrete data (256 for 8-bit images), an "
@@ -143,82 +200,55 @@ class FlowModel(PyroModule):
                 f"logit_alpha must lie in [0, 0.5) (RealNVP: 0.05 on CIFAR-10, 1e-6 on MNIST), or be None "
                 f"for no logit pre-processing; got {logit_alpha!r}."
             )
-        if base not in _BASES:
-            raise ValueError(f"Unknown base {base!r}; choose one of {tuple(_BASES)}.")
-        self.base_name = base
         self.num_levels = None if dequantize is None else int(dequantize)
         self.logit_alpha = None if logit_alpha is None else float(logit_alpha)
-        name = "realnvp" if transforms is None else transforms
-        options = {"num_layers": num_layers, "hidden": None if hidden is None else list(hidden), "init": init}
-        if isinstance(name, str):
-            if name not in _STACKS:
-                raise ValueError(f"Unknown flow {name!r}; choose one of {tuple(_STACKS)} or pass a list of transforms.")
-            if name == "nice":
-                if actnorm or scale != "tanh" or num_scales != 1 or conv1x1:
-                    raise ValueError(
-                        "actnorm, scale, num_scales and conv1x1 are options of 'realnvp'; NICE's additive "
-                        "couplings have no scale (leave them at their defaults, or use 'realnvp')."
-                    )
-            else:
-                options.update(actnorm=actnorm, scale=scale)
-                if num_scales != 1:
-                    options["num_scales"] = num_scales
-                if conv1x1:
-                    options["conv1x1"] = True
-            if mask is not None:
-                options["mask"] = mask
-            options.update(stack_options)
-            kwargs = {k: v for k, v in options.items() if v is not None}
-            shape_arg = self.event_shape[0] if len(self.event_shape) == 1 else tuple(self.event_shape)
-            layers = list(_STACKS[name](shape_arg, **kwargs))
-        else:
-            if (stack_options or num_layers is not None or hidden is not None or actnorm or scale != "tanh"
-                    or num_scales != 1 or conv1x1 or init != "shift" or mask is not None):
-                raise ValueError(
-                    "num_layers, hidden, actnorm, scale, num_scales, init, mask and other stack options apply to a "
-                    "named stack ('nice', 'realnvp'), not to a list of transforms."
-                )
-            layers = list(transforms)
-            for t in layers:
-                if not isinstance(t, nn.Module):
-                    raise TypeError(
-                        f"transforms must be nn.Modules (e.g. pyro TransformModules) so that their "
-                        f"parameters are trained; got {type(t).__name__}."
-                    )
-        self.config = dict(
-            event_shape=list(self.event_shape),
-            transforms=name if isinstance(name, str) else "custom",
-            num_layers=num_layers,
-            hidden=options["hidden"],
-            actnorm=actnorm,
-            scale=scale,
-            num_scales=num_scales,
-            conv1x1=conv1x1,
-            init=init,
-            dequantize=self.num_levels,
-            logit_alpha=self.logit_alpha,
-            base=base,
-            **({} if mask is None else {"mask": mask}),
-            **stack_options,
-        )
-        self.transforms = nn.ModuleList(layers)
+        self.transform = transform
         self.preprocessing = (
             None if self.logit_alpha is None else Logit(self.logit_alpha, event_dim=len(self.event_shape))
         )
-        base_shape = self.event_shape
-        for t in reversed(self.transforms):
-            base_shape = t.inverse_shape(base_shape)
-        self.base_shape = torch.Size(base_shape)
+        self.base_shape = torch.Size(transform.inverse_shape(self.event_shape))
         self.register_buffer("base_loc", torch.zeros(self.base_shape))
         self.register_buffer("base_scale", torch.ones(self.base_shape))
+        self._base_distribution: Optional[Distribution] = None
+        if isinstance(base, Distribution):
+            if base.batch_shape != () or base.event_shape != self.base_shape:
+                raise ValueError(
+                    f"base must be a distribution of one base point, batch_shape () and event_shape "
+                    f"{tuple(self.base_shape)} (the transform's inverse_shape of the event); got batch_shape "
+                    f"{tuple(base.batch_shape)} and event_shape {tuple(base.event_shape)}. Declare its dims as "
+                    "event dims with .to_event(n)."
+                )
+            self._base_distribution = base
+            self.base_name = CUSTOM
+        elif base in _BASES:
+            self.base_name = base
+        elif base == CUSTOM:
+            raise ValueError(
+                "This FlowModel configuration comes from a model built on a base distribution of its own (base: "
+                "'custom'), which a configuration cannot rebuild. Build FlowModel(transform, base=your_distribution, "
+                "...) in code and load the checkpoint's state_dict into it."
+            )
+        else:
+            raise ValueError(f"Unknown base {base!r}; choose one of {tuple(_BASES)}, or pass a distribution.")
+        self.config = dict(
+            transform=_transform_config(transform),
+            base=self.base_name,
+            dequantize=self.num_levels,
+            logit_alpha=self.logit_alpha,
+            event_shape=list(self.event_shape),
+        )
 
     # ----- the distribution -------------------------------------------------------
-    def base(self) -> dist.TorchDistribution:
-        """The base distribution over ``base_shape``: standard normal or standard logistic (``base``)."""
+    def base(self) -> Distribution:
+        """The base distribution over ``base_shape``: standard normal, standard logistic, or the one given (``base``)."""
+        if self._base_distribution is not None:
+            return self._base_distribution
         return _BASES[self.base_name](self.base_loc, self.base_scale).to_event(len(self.base_shape))
 
     def _all_transforms(self) -> list:
-        layers = list(self.transforms)
+        # the layers one by one: log_prob then takes each log-determinant at the pair that the
+        # inverse pass has computed (a ComposeTransform would rerun the forward pass for them)
+        layers = transform_parts(self.transform)
         if self.preprocessing is not None:
             layers.append(self.preprocessing.inv)  # logit space -> [0, 1]
         return layers
@@ -285,8 +315,8 @@ class FlowModel(PyroModule):
         y = self.dequantize(x)
         if self.training and self._needs_init() and x.shape[0] >= 2 and bool((x.std(0) > 0).any()):
             self.initialize(x)
-        pyro.module("flow", self.transforms)
-        with LatentVariableModel._plate(self, x, num_data):
+        pyro.module("flow", self.transform)
+        with data_plate(x, num_data):
             obs = pyro.sample("x", self.distribution(), obs=y)
             if self.num_levels is not None:
                 d = math.prod(self.event_shape)
@@ -299,7 +329,7 @@ class FlowModel(PyroModule):
     # ----- ActNorm data-dependent initialization -------------------------------------
     def _needs_init(self) -> bool:
         return any(
-            isinstance(m, (ActNorm, DiagonalScaling)) and not bool(m.initialized) for m in self.transforms.modules()
+            isinstance(m, (ActNorm, DiagonalScaling)) and not bool(m.initialized) for m in self.transform.modules()
         )
 
     @torch.no_grad()
@@ -315,7 +345,7 @@ class FlowModel(PyroModule):
         h = self.dequantize(x)
         if self.preprocessing is not None:
             h = self.preprocessing(h)
-        initialize_actnorm(list(self.transforms), h)
+        initialize_actnorm(self.transform, h)
 
     # ----- conveniences ------------------------------------------------------------
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -410,3 +440,134 @@ class FlowModel(PyroModule):
         extra += "" if self.logit_alpha is None else f", logit_alpha={self.logit_alpha}"
         extra += "" if self.base_name == "normal" else f", base={self.base_name!r}"
         return f"event_shape={tuple(self.event_shape)}, base_shape={tuple(self.base_shape)}{extra}"
+
+
+def _as_transform_module(transform: Any) -> nn.Module:
+    """The flow as a transform that is an ``nn.Module`` (its parameters registered): built from a
+    configuration dict, composed from a list, or wrapped if it is a plain torch ``Transform``."""
+    if isinstance(transform, dict):
+        transform = _build_transform(transform)
+    elif isinstance(transform, str):
+        if transform == CUSTOM:
+            raise ValueError(
+                "This FlowModel configuration comes from a model built on a transform of its own (transform: "
+                "'custom'), which a configuration cannot rebuild. Build FlowModel(your_transform, ...) in code "
+                "and load the checkpoint's state_dict into it."
+            )
+        raise ValueError(
+            f"FlowModel takes the flow as a transform, not a name; got transform={transform!r}. Write e.g. "
+            "FlowModel(pyro_lvm.flows.RealNVP(event_shape)) or FlowModel(pyro_lvm.flows.NICE(event_shape))."
+        )
+    elif isinstance(transform, (list, tuple)):
+        for t in transform:
+            if not isinstance(t, Transform):
+                raise TypeError(
+                    f"FlowModel's list of transforms must hold torch/Pyro Transforms; got {type(t).__name__}."
+                )
+        return ComposeTransformModule(list(transform))
+    if not isinstance(transform, Transform):
+        raise TypeError(
+            f"FlowModel's transform must be a torch/Pyro Transform (e.g. pyro_lvm.flows.RealNVP(...)), a list of "
+            f"them, or a stack's configuration dict; got {type(transform).__name__}."
+        )
+    return transform if isinstance(transform, nn.Module) else ComposeTransformModule([transform])
+
+
+def _transform_config(transform: nn.Module) -> Union[dict, str]:
+    """``{"class_path", "init_args"}`` for one of pyro_lvm's configurable stacks, else ``"custom"``."""
+    cls = type(transform)
+    init_args = getattr(transform, "config", None)
+    if not (cls.__module__.startswith("pyro_lvm.") and isinstance(init_args, dict)):
+        return CUSTOM
+    # the shortest module that exports the class, as a YAML config names it: pyro_lvm.flows.RealNVP
+    parts = cls.__module__.split(".")
+    module = next(m for m in (".".join(parts[:k]) for k in range(2, len(parts) + 1))
+                  if getattr(importlib.import_module(m), cls.__qualname__, None) is cls)
+    return {"class_path": f"{module}.{cls.__qualname__}", "init_args": init_args}
+
+
+def _build_transform(spec: dict) -> Transform:
+    """A transform from ``{"class_path": "pyro_lvm...", "init_args": {...}}``, importing from pyro_lvm only."""
+    class_path = spec.get("class_path")
+    init_args = spec.get("init_args", {})
+    if not isinstance(class_path, str) or not isinstance(init_args, dict) or set(spec) - {"class_path", "init_args"}:
+        raise ValueError(
+            f"A transform's configuration is {{'class_path': 'pyro_lvm.flows.RealNVP', 'init_args': {{...}}}}; "
+            f"got {spec!r}."
+        )
+    module_name, _, name = class_path.rpartition(".")
+    if not module_name.startswith("pyro_lvm.") or not name.isidentifier():
+        raise ValueError(
+            f"A FlowModel configuration builds transforms of pyro_lvm only (pyro_lvm.flows.NICE, "
+            f"pyro_lvm.flows.RealNVP), so that it runs no foreign code; got class_path {class_path!r}. "
+            "Pass your own transform as an object: FlowModel(transform=your_transform, ...)."
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError):
+        raise ValueError(
+            f"pyro_lvm has no transform {class_path!r}; its stacks are pyro_lvm.flows.NICE and pyro_lvm.flows.RealNVP."
+        ) from None
+    if not (isinstance(cls, type) and issubclass(cls, Transform)):
+        raise ValueError(f"{class_path!r} is not a transform (a torch.distributions.Transform subclass).")
+    return cls(**init_args)
+
+
+# the stack options that FlowModel took before it took a transform, at their defaults then
+_STACK_OPTIONS = {"num_layers": None, "hidden": None, "actnorm": False, "scale": "tanh", "num_scales": 1,
+                  "conv1x1": False, "init": "shift", "mask": None, "cache_size": 1}
+_STACKS = {"nice": "NICE", "realnvp": "RealNVP"}
+_OLD_ORDER = ("event_shape", "transforms", "num_layers", "hidden", "actnorm", "scale", "num_scales", "conv1x1",
+              "init", "dequantize", "logit_alpha", "base", "mask")
+
+
+def _is_shape(value: Any) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    return isinstance(value, (list, tuple, torch.Size)) and len(value) > 0 and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _old_spelling_message(args: tuple, kwargs: dict) -> Optional[str]:
+    """What to write instead of the earlier ``FlowModel(event_shape, "realnvp", num_layers=...)``, or None."""
+    first = args[0] if args else kwargs.get("transform")
+    if _is_shape(first):  # the earlier order, FlowModel(event_shape, transforms, num_layers, ...)
+        old = {**dict(zip(_OLD_ORDER, args)), **kwargs}
+    elif any(k in _STACK_OPTIONS or k == "transforms" for k in kwargs) or (not args and "transform" not in kwargs):
+        old = dict(kwargs)
+    else:
+        return None
+    shape = old.get("event_shape")
+    shape = list(shape) if isinstance(shape, (tuple, torch.Size)) else shape
+    model_args = {k: old[k] for k in ("dequantize", "logit_alpha") if old.get(k) is not None}
+    if isinstance(old.get("base"), str) and old["base"] != "normal":
+        model_args["base"] = old["base"]
+    python_tail = "".join(f", {k}={v!r}" for k, v in model_args.items())
+    stack = old.get("transforms") if old.get("transforms") is not None else "realnvp"
+    if not isinstance(stack, str):  # a list of transforms
+        return (
+            "FlowModel takes the flow as its first argument, transform, and no longer takes the stack's options. "
+            f"Write FlowModel(transform=your_transforms, event_shape={shape!r}{python_tail})."
+        )
+    if stack not in _STACKS:
+        return (
+            f"FlowModel takes the flow as a transform, not a name (got {stack!r}): pyro_lvm.flows.RealNVP(...), "
+            "pyro_lvm.flows.NICE(...), or any torch/Pyro Transform, e.g. FlowModel(pyro_lvm.flows.RealNVP(event_shape))."
+        )
+    options = {k: v for k, v in old.items() if k in _STACK_OPTIONS and v != _STACK_OPTIONS[k]}
+    if stack == "nice":  # NICE took none of RealNVP's options (they were at their defaults)
+        options = {k: v for k, v in options.items() if k in ("num_layers", "hidden", "mask", "init", "cache_size")}
+    options = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    name = _STACKS[stack]
+    python = (f"FlowModel(pyro_lvm.flows.{name}({'D' if shape is None else repr(shape)}"
+              + "".join(f", {k}={v!r}" for k, v in options.items()) + f"){python_tail})")
+    yaml = (f"transform: {{class_path: pyro_lvm.flows.{name}, init_args: {{event_shape: "
+            f"{'D' if shape is None else json.dumps(shape)}"
+            + "".join(f", {k}: {json.dumps(v)}" for k, v in options.items()) + "}}"
+            + "".join(f", {k}: {json.dumps(v)}" for k, v in model_args.items()))
+    knobs = [k for k in old if k in _STACK_OPTIONS]
+    return (
+        "FlowModel takes the flow as a transform now"
+        + (f"; the stack's options ({', '.join(knobs)}) are the stack's arguments" if knobs else "")
+        + f". Write {python}; in a YAML config, {yaml}."
+    )

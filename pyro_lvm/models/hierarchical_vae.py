@@ -11,7 +11,7 @@ from torch import nn
 
 from ..likelihoods import Likelihood, make_likelihood
 from ..nets import MLP
-from .base import LatentVariableModel
+from .base import LatentVariableModel, data_plate
 
 __all__ = ["HierarchicalVAE"]
 
@@ -138,10 +138,10 @@ class HierarchicalVAE(LatentVariableModel):
     # ----- the Pyro model/guide pair -------------------------------------------------
     def model(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
         """p(x, z_1..z_L): ``zL ~ N(0, I)``, ``z(l) ~ p(z(l) | z(l+1))``, ``x ~ p(x | z1)``; observes ``x``."""
-        self._check(x)
+        self.check_batch(x)
         pyro.module("decoder", self.decoder)
         pyro.module("likelihood", self.likelihood)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             z = pyro.sample(f"z{self.num_layers}", self.prior())
             for l in range(self.num_layers - 1, 0, -1):
                 z = pyro.sample(f"z{l}", self._gaussian(self.decoder[l](z)))
@@ -149,9 +149,9 @@ class HierarchicalVAE(LatentVariableModel):
 
     def guide(self, x: torch.Tensor, num_data: Optional[int] = None) -> torch.Tensor:
         """q(z_1..z_L | x) = prod_l q(z(l) | z(l-1)): the bottom-up recognition chain; returns ``zL``."""
-        self._check(x, support=False)
+        self.check_batch(x, support=False)
         pyro.module("encoder", self.encoder)
-        with self._plate(x, num_data):
+        with data_plate(x, num_data):
             h = self._flat(x)
             for l, net in enumerate(self.encoder, 1):
                 h = pyro.sample(f"z{l}", self._gaussian(net(h)))
@@ -193,7 +193,7 @@ class HierarchicalVAE(LatentVariableModel):
             z = loc + scale * torch.randn_like(scale) if sample else loc
         return self.decoder[0](z)
 
-    def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         """The likelihood's input for a top latent ``z``, every lower layer at its conditional mean."""
         return self._down(z, sample=False)
 

@@ -131,6 +131,13 @@ class VAE(LatentVariableModel):
                 latent_dim, flow_context_dim, posterior_flow, flow_layers, flow_hidden
             )
 
+    # model/guide only register the flows; prior/posterior are the base's without them
+    keeps_base_meaning = ("model", "guide", "prior", "posterior")
+
+    def standard_gaussian_latents(self) -> bool:
+        """Whether q(z | x) and p(z) are the base class's Gaussians: no flow prior or posterior."""
+        return self.prior_flow is None and self.posterior_flow is None and super().standard_gaussian_latents()
+
     # ----- conveniences --------------------------------------------------------------
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and standard deviation of q(z | x) (with a flow posterior: see the class docstring)."""
@@ -182,5 +189,5 @@ class VAE(LatentVariableModel):
             return self.decode(self.posterior(x).sample())
         return super().reconstruct(x, sample)
 
-    def _decoder_output(self, z: torch.Tensor) -> torch.Tensor:
+    def decoder_output(self, z: torch.Tensor) -> torch.Tensor:
         return self.decoder(z)
