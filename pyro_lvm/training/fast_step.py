@@ -224,6 +224,33 @@ class FastLoss:
         log_ratio = 0.5 * (eps * eps - z * z) + scale.log()
         return -(log_lik + beta * log_ratio.sum())
 
+    def held_out_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        r"""The held-out ELBO's terms of a closed-form model at one draw, as Pyro's traces give them.
+
+        With :math:`z = \mu + \sigma\epsilon` drawn as the guide draws it: ``reconstruction``
+        :math:`\sum_i \log p(x_i \mid z_i)`, ``kl`` :math:`\sum_i \log q(z_i \mid x_i) - \log p(z_i)`
+        (at the draw, as :func:`pyro_lvm.pairs.elbo_parts` counts it), and for the latent monitor the
+        posterior means :math:`\mu` and the closed-form KL per latent variable,
+        :func:`pyro_lvm.ops.standard_normal_kl`. The batch is checked as the model checks it.
+
+        Example:
+            >>> from pyro_lvm import VAE
+            >>> from pyro_lvm.estimators import make_elbo
+            >>> vae = VAE(data_shape=4, latent_dim=2, hidden_dims=[8])
+            >>> x = torch.bernoulli(torch.full((5, 4), 0.5))
+            >>> reconstruction, kl, loc, kl_per_dim = FastLoss(vae, make_elbo("reparam")).held_out_terms(x)
+            >>> reconstruction.shape, kl.shape, loc.shape, kl_per_dim.shape
+            (torch.Size([]), torch.Size([]), torch.Size([5, 2]), torch.Size([5, 2]))
+        """
+        lvm = self.lvm
+        lvm.check_batch(x)
+        loc, scale = lvm.encode(x)
+        eps = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device).normal_()
+        z = loc + eps * scale
+        reconstruction = lvm.likelihood.log_density(lvm.decoder_output(z), x, reduce=True)
+        kl = (0.5 * (z * z - eps * eps) - scale.log()).sum()
+        return reconstruction, kl, loc, standard_normal_kl(loc, scale)
+
     def _score_function_loss(self, x: torch.Tensor, beta: float) -> torch.Tensor:
         r""":class:`~pyro_lvm.estimators.ScoreFunctionELBO`'s surrogate, Rao-Blackwellized per data point.
 

@@ -2,17 +2,15 @@ r"""The ELBO's terms of a pair on held-out data: one Monte-Carlo estimate per ba
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torchmetrics
 from pyro import poutine
 
-from ..pairs import (
-    elbo_parts,
-)
+from ..pairs import elbo_parts, enumerated_elbo_parts, enumerated_sites
 
-__all__ = ["elbo_terms", "replayed_traces", "HeldOutMean"]
+__all__ = ["elbo_terms", "replayed_traces", "HeldOutMean", "HeldOutTerms"]
 
 def elbo_terms(model: Callable, guide: Callable, *args, **kwargs) -> dict[str, torch.Tensor]:
     r"""One-sample Monte-Carlo estimate of the ELBO's two terms, per data point.
@@ -86,3 +84,62 @@ class HeldOutMean(torchmetrics.Metric):
         # summed in float64 over the epoch; logged in the default dtype, as the other metrics
         value = (self.local + self.shared / self.batches.clamp(min=1)) / self.count.clamp(min=1)
         return value.to(torch.get_default_dtype())
+
+
+class HeldOutTerms:
+    r"""The held-out ELBO's terms of one batch, the data points' (``local``) and the global ones (``shared``).
+
+    :meth:`traced` reads them from Pyro's traces, for any pair: ``reconstruction``, ``kl`` and ``elbo``
+    from :func:`pyro_lvm.pairs.elbo_parts`, or, for a model that sums discrete sites out by enumeration,
+    ``elbo`` alone (``TraceEnum_ELBO``'s). :meth:`closed_form` gives the same numbers for the same draws
+    without traces, for a built-in model with a closed form (a :class:`~pyro_lvm.training.fast_step.FastLoss`
+    whose ``closed_form`` is true). Both feed a :class:`~pyro_lvm.training.monitor.LatentMonitor` if given one.
+
+    Example:
+        >>> import pyro, pyro.distributions as dist
+        >>> def model(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         z = pyro.sample("z", dist.Normal(0., 1.))
+        ...         pyro.sample("x", dist.Normal(z, 1.), obs=x)
+        >>> def guide(x):
+        ...     with pyro.plate("data", len(x)):
+        ...         pyro.sample("z", dist.Normal(x / 2, 0.5 ** 0.5))  # the exact posterior
+        >>> x = torch.zeros(3)
+        >>> local, shared = HeldOutTerms().traced(model, guide, (x,), {})
+        >>> sorted(local), float(shared["kl"])
+        (['elbo', 'kl', 'reconstruction'], 0.0)
+    """
+
+    def __init__(self, data_plate: str = "data"):
+        self.data_plate = data_plate
+        self._enumerated: Optional[list] = None  # model sites summed out by enumeration (found at the first batch)
+        self._enum_elbo = None
+
+    def traced(self, model: Callable, guide: Callable, args: tuple, kwargs: dict,
+               monitor: Optional[Any] = None) -> tuple[dict, dict]:
+        traces = replayed_traces(model, guide, *args, **kwargs)
+        if self._enumerated is None:
+            self._enumerated = enumerated_sites(*traces)
+        if monitor is not None:
+            monitor.update(*traces)
+        if self._enumerated:  # sites the model sums out: the ELBO of TraceEnum_ELBO, no separate terms
+            if self._enum_elbo is None:
+                from pyro.infer import TraceEnum_ELBO
+
+                self._enum_elbo = TraceEnum_ELBO()
+            enum = enumerated_elbo_parts(model, guide, args, kwargs, self.data_plate, self._enum_elbo)
+            return {"elbo": enum["elbo"]}, {"elbo": enum["global_elbo"]}
+        parts = elbo_parts(*traces, data_plate=self.data_plate)
+        local = {"reconstruction": parts["reconstruction"], "kl": parts["kl"]}
+        shared = {"reconstruction": parts["global_reconstruction"], "kl": parts["global_kl"]}
+        for terms in (local, shared):
+            terms["elbo"] = terms["reconstruction"] - terms["kl"]
+        return local, shared
+
+    def closed_form(self, fast: Any, x: torch.Tensor, monitor: Optional[Any] = None) -> tuple[dict, dict]:
+        reconstruction, kl, loc, kl_per_dim = fast.held_out_terms(x)
+        if monitor is not None:
+            monitor.add("z", kl_per_dim.reshape(len(x), -1), loc.reshape(len(x), -1), loc.shape[1:])
+        zero = reconstruction.new_zeros(())
+        local = {"reconstruction": reconstruction, "kl": kl, "elbo": reconstruction - kl}
+        return local, {"reconstruction": zero, "kl": zero, "elbo": zero}

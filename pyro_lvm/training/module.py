@@ -21,9 +21,6 @@ from ..pairs import (
     accepting,
     call_keys,
     check_arguments,
-    elbo_parts,
-    enumerated_elbo_parts,
-    enumerated_sites,
     is_pair_module,
     split_batch,
 )
@@ -32,7 +29,7 @@ from .callbacks import make_checkpoint_io_atomic
 from .checkpoints import load_checkpoint, model_from_checkpoint
 from .divergence import DivergedError, all_finite, check_nonfinite_option, divergence_message, drop_gradients
 from .fast_step import FastLoss, fast_path_blocker
-from .held_out import HeldOutMean, replayed_traces
+from .held_out import HeldOutMean, HeldOutTerms, replayed_traces
 from .monitor import LatentMonitor
 from .state import config_differences, state_mismatch
 
@@ -113,7 +110,8 @@ class LVMModule(pl.LightningModule):
     data, those of global sites (a factor model's weights) counted once per epoch (see
     :class:`HeldOutMean`).
 
-    Logged: ``train/loss`` (``-ELBO_beta`` per data point), ``train/beta``,
+    Logged: ``train/loss_epoch`` (the epoch's mean ``-ELBO_beta`` per data point) and, at the steps whose
+    metrics Lightning writes (every ``log_every_n_steps``), ``train/loss_step`` and ``train/beta``,
     and with no gradient step ``val/elbo``, ``val/reconstruction``, ``val/kl``
     (the ELBO at ``beta = 1``, per data point; see :func:`elbo_terms`), and per
     epoch ``val/active_units``, ``val/beta`` and the KL per latent dimension
@@ -223,10 +221,11 @@ class LVMModule(pl.LightningModule):
         self.fast_step = fast_step
         # the held-out ELBO and its terms, one running mean per stage and term (no state in checkpoints)
         self.held_out = nn.ModuleDict()
-        self._enumerated: Optional[list] = None  # model sites summed out by enumeration (found at the first batch)
-        self._enum_elbo = None
+        self.held_out_terms = HeldOutTerms(data_plate)
         self._fast_elbo = None
         self._fast_for(estimator)
+        self._epoch_loss, self._epoch_size, self._last_batch_size = None, 0, 1  # the epoch's training loss
+        self._logged_metrics: set = set()  # the held-out metrics given to Lightning this epoch
         self.pyro_params = nn.ParameterDict()
         self._param_state: dict = {"params": {}, "constraints": {}}
         self._initialized = False
@@ -406,6 +405,7 @@ class LVMModule(pl.LightningModule):
         (:class:`pyro_lvm.training.fast_step.FastLoss`; see ``fast_step``).
         """
         args, kwargs, batch_size = self._inputs(batch)
+        self._last_batch_size = batch_size
         fast = self._fast_for(self.objective.elbo)
         if fast is not None and self._pyro_steps > 0 and len(args) == 1 and not self._model_keys.intersection(kwargs):
             with self._scope():
@@ -434,38 +434,59 @@ class LVMModule(pl.LightningModule):
         if hasattr(self.estimator, "set_step"):  # e.g. a temperature schedule
             self.estimator.set_step(self.global_step)
         loss = self(batch)
-        self._last_loss = loss.detach()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train/beta", beta, on_step=True, on_epoch=False)
-        if self.kl_control is not None:
-            for key, value in self.kl_control.state().items():  # e.g. the capacity C(t)
-                self.log(f"train/{key}", value, on_step=True, on_epoch=False)
+        self._last_loss = detached = loss.detach()
+        # the epoch's mean, weighted by batch size, kept here: Lightning's own (self.log with on_epoch=True)
+        # costs about a millisecond per call on the host, as much as a small model's whole step
+        size = self._last_batch_size
+        self._epoch_loss = detached * size if self._epoch_loss is None else self._epoch_loss + detached * size
+        self._epoch_size += size
+        if self._ends_epoch(batch_idx):  # logged here, not at epoch end, so that callbacks' epoch-end hooks see it
+            self._log_epoch_loss()
+        if self._writes_step_metrics():
+            self.log("train/loss_step", detached, prog_bar=True, on_step=True, on_epoch=False)
+            self.log("train/beta", beta, on_step=True, on_epoch=False)
+            if self.kl_control is not None:
+                for key, value in self.kl_control.state().items():  # e.g. the capacity C(t)
+                    self.log(f"train/{key}", value, on_step=True, on_epoch=False)
         return loss
+
+    def _writes_step_metrics(self) -> bool:
+        """Whether Lightning writes this step's metrics (every ``log_every_n_steps``): only then are they logged."""
+        trainer = self._trainer
+        try:
+            return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+        except AttributeError:  # no trainer, or a Lightning without this hook: log every step
+            return True
+
+    def _ends_epoch(self, batch_idx: int) -> bool:
+        """Whether this is the epoch's last training step (its last batch, a batch limit, or ``max_steps``)."""
+        trainer = self._trainer
+        if trainer is None:
+            return False
+        limit = trainer.num_training_batches
+        last = bool(getattr(trainer, "is_last_batch", False)) or (isinstance(limit, int) and batch_idx + 1 >= limit)
+        return last or (trainer.max_steps is not None and 0 < trainer.max_steps <= self.global_step + 1)
+
+    def _log_epoch_loss(self) -> None:
+        if self._epoch_loss is not None and self._epoch_size:
+            self.log("train/loss_epoch", self._epoch_loss / self._epoch_size, on_step=False, on_epoch=True,
+                     batch_size=1)
+        self._epoch_loss, self._epoch_size = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_loss()  # an epoch that ended before the step _ends_epoch recognizes (a stop, a time limit)
 
     def _evaluate(self, batch: Any, stage: str) -> dict[str, torch.Tensor]:
         """One held-out batch: the ELBO's terms, added to the epoch's :class:`HeldOutMean` s."""
         args, kwargs, batch_size = self._inputs(batch)
+        fast = self._fast if self._fast is not None and self._fast.closed_form else None
+        monitor = None if self.trainer.sanity_checking else self.latent_monitor
         with self._scope():
-            traces = replayed_traces(self.objective.model, self.objective.guide, *args, **kwargs)
-            if self._enumerated is None:
-                self._enumerated = enumerated_sites(*traces)
-            if self._enumerated:  # sites the model sums out: the ELBO of TraceEnum_ELBO, no separate terms
-                if self._enum_elbo is None:
-                    from pyro.infer import TraceEnum_ELBO
-
-                    self._enum_elbo = TraceEnum_ELBO()
-                enum = enumerated_elbo_parts(self.objective.model, self.objective.guide, args, kwargs,
-                                             self.data_plate, self._enum_elbo)
-        if self.latent_monitor is not None and not self.trainer.sanity_checking:
-            self.latent_monitor.update(*traces)
-        if self._enumerated:
-            local, shared = {"elbo": enum["elbo"]}, {"elbo": enum["global_elbo"]}
-        else:
-            parts = elbo_parts(*traces, data_plate=self.data_plate)
-            local = {"reconstruction": parts["reconstruction"], "kl": parts["kl"]}
-            shared = {"reconstruction": parts["global_reconstruction"], "kl": parts["global_kl"]}
-            for terms in (local, shared):
-                terms["elbo"] = terms["reconstruction"] - terms["kl"]
+            if fast is not None and len(args) == 1 and not self._model_keys.intersection(kwargs):
+                local, shared = self.held_out_terms.closed_form(fast, args[0], monitor)
+            else:
+                local, shared = self.held_out_terms.traced(self.objective.model, self.objective.guide, args, kwargs,
+                                                           monitor)
         extra = getattr(getattr(self, "lvm", None), "evaluation_metrics", None)
         if callable(extra):  # e.g. a flow's bits per dimension (linear in the terms)
             local.update(extra(local))
@@ -477,8 +498,10 @@ class LVMModule(pl.LightningModule):
                 self.held_out[key_] = HeldOutMean().to(value.device)
             metric = self.held_out[key_]
             metric.update(value.detach(), shared[key].detach(), batch_size)
-            self.log(name, metric, prog_bar=stage == "val" and key == "elbo", on_step=False, on_epoch=True,
-                     batch_size=batch_size, metric_attribute=f"held_out.{key_}")
+            if name not in self._logged_metrics:  # once per epoch: Lightning computes and resets it at the end
+                self._logged_metrics.add(name)
+                self.log(name, metric, prog_bar=stage == "val" and key == "elbo", on_step=False, on_epoch=True,
+                         batch_size=batch_size, metric_attribute=f"held_out.{key_}")
         return {key: value for key, value in local.items() if key in ("elbo", "reconstruction", "kl")}
 
     def validation_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
@@ -489,6 +512,7 @@ class LVMModule(pl.LightningModule):
 
     # ----- the latent code, each epoch ---------------------------------------------
     def on_validation_epoch_start(self) -> None:
+        self._logged_metrics = set()
         if self.latent_monitor is not None:
             self.latent_monitor.reset()
 
@@ -579,6 +603,7 @@ class LVMModule(pl.LightningModule):
         raise DivergedError(divergence_message(self.global_step, self.current_epoch, optimizer, loss, last))
 
     def on_train_epoch_start(self) -> None:
+        self._epoch_loss, self._epoch_size = None, 0
         if self._fast is not None:
             self._fast.check_next = True  # the fast step checks the data's values again
 

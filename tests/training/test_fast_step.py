@@ -307,3 +307,33 @@ def test_the_fast_step_asks_the_model_and_its_likelihood():
     vae.likelihood = pyro_lvm.likelihoods.BernoulliLikelihood(4)
     written_out = FastLoss(vae, reparam)(x)
     assert torch.allclose(through_distributions, written_out, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: VAE(data_shape=12, latent_dim=3, hidden_dims=[16]),
+    lambda: ConvVAE(data_shape=[1, 8, 8], channels=[4, 8], latent_channels=2),
+], ids=["vae", "conv_vae_spatial_latent"])
+def test_validation_without_traces_gives_the_traced_numbers(make):
+    # the held-out ELBO, its terms and the latent monitor's KL per dimension and activity are the same
+    # through the closed form (fast_step=True) as through Pyro's traces, for the same draws
+    import pytorch_lightning as pl
+
+    torch.manual_seed(0)
+    model = make()
+    shape = model.event_shape
+    x = torch.bernoulli(torch.full((20, *shape), 0.4))
+    results = {}
+    for fast in (True, False):
+        module = LVMModule(copy.deepcopy(model), fast_step=fast)
+        assert (module._fast is not None) == fast
+        trainer = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                             enable_checkpointing=False)
+        torch.manual_seed(5)
+        (metrics,) = trainer.validate(module, dataloaders=torch.utils.data.DataLoader(x, batch_size=8), verbose=False)
+        results[fast] = metrics, module.latent_monitor.history[-1]
+    (fast, fast_history), (traced, traced_history) = results[True], results[False]
+    for key in ("val/elbo", "val/reconstruction", "val/kl", "val/active_units"):
+        assert fast[key] == pytest.approx(traced[key], rel=1e-5, abs=1e-4), key
+    assert fast_history["kl"] == pytest.approx(traced_history["kl"], rel=1e-5)
+    for key in ("kl", "activity"):  # per latent variable, in the latent's shape
+        assert torch.allclose(fast_history["sites"]["z"][key], traced_history["sites"]["z"][key], atol=1e-5), key
