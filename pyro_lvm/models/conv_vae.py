@@ -94,7 +94,7 @@ class ConvVAE(LatentVariableModel):
         latent_dim: int = 16,
         channels: Sequence[int] = (32, 64),
         hidden_dim: int = 256,
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "elu",
     ):

@@ -169,7 +169,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         latent_dim: int = 8,
         hidden_dims: Sequence[int] = (256, 256),
         prior: Literal["standard", "learned"] = "learned",
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "relu",
     ):
@@ -386,7 +386,7 @@ class DeterministicBaseline(_ConditionalIO, DataChecks, PyroModule):
         data_shape: _Shape = (1, 8, 8),
         input_shape: Optional[_Shape] = None,
         hidden_dims: Sequence[int] = (256, 256),
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "relu",
     ):

@@ -68,7 +68,7 @@ class DiscreteVAE(LatentVariableModel):
             ignored when ``latent="bernoulli"`` (the attribute is then ``None``).
         latent: ``"categorical"`` (one-hot ``z``) or ``"bernoulli"`` (binary ``z``).
         hidden_dims: widths of the encoder's hidden layers; the decoder mirrors them.
-        likelihood: ``"bernoulli"`` (binary data) or ``"gaussian"``.
+        likelihood: ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (grey levels in [0, 1]) or ``"gaussian"``.
         likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
         activation: nonlinearity of both networks.
 
@@ -92,7 +92,7 @@ class DiscreteVAE(LatentVariableModel):
         num_categories: int = 4,
         latent: Literal["categorical", "bernoulli"] = "categorical",
         hidden_dims: Sequence[int] = (256, 128),
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "relu",
     ):

@@ -71,7 +71,7 @@ class HierarchicalVAE(LatentVariableModel):
         data_shape: shape of one data point (an int for flat vectors).
         latent_dims: sizes of :math:`z_1, \dots, z_L`, bottom (nearest the data) first.
         hidden_dims: one list of deterministic widths per stochastic layer: those of :math:`q(z_l \mid z_{l-1})`.
-        likelihood: ``"bernoulli"`` (binary data) or ``"gaussian"``.
+        likelihood: ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (grey levels in [0, 1]) or ``"gaussian"``.
         likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
         activation: nonlinearity of every network (Burda et al.: ``"tanh"``).
 
@@ -95,7 +95,7 @@ class HierarchicalVAE(LatentVariableModel):
         data_shape: Union[int, Sequence[int]] = 784,
         latent_dims: Sequence[int] = (100, 50),
         hidden_dims: Sequence[Sequence[int]] = ((200, 200), (100, 100)),
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "tanh",
     ):

@@ -46,7 +46,7 @@ class VAE(LatentVariableModel):
         data_shape: shape of one data point (an int for flat vectors).
         latent_dim: dimension of ``z``.
         hidden_dims: widths of the encoder's hidden layers; the decoder mirrors them.
-        likelihood: ``"bernoulli"`` (binary data) or ``"gaussian"``.
+        likelihood: ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (grey levels in [0, 1]) or ``"gaussian"``.
         likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
         activation: nonlinearity of both networks.
         prior_flow: ``None`` (:math:`\mathcal N(0, I)`), or a flow prior
@@ -84,7 +84,7 @@ class VAE(LatentVariableModel):
         data_shape: Union[int, Sequence[int]] = 64,
         latent_dim: int = 2,
         hidden_dims: Sequence[int] = (256, 128),
-        likelihood: Literal["bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "relu",
         prior_flow: Optional[Literal["realnvp", "nice"]] = None,
