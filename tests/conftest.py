@@ -10,17 +10,8 @@ pairs of ``pyro_pairs``.
 import pytest
 from linear_gaussian import LinearGaussian
 
-#: Trainer arguments for a run that prints and writes nothing
-QUIET_TRAINER = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
-
 
 @pytest.fixture
 def linear_gaussian_model():
     """``linear_gaussian_model(k, d, s, seed=0, dtype=torch.float64)``: a :class:`LinearGaussian` with random weights."""
     return LinearGaussian.random
-
-
-@pytest.fixture
-def quiet_trainer() -> dict:
-    """Trainer arguments for a run that prints and writes nothing (a fresh copy per test)."""
-    return dict(QUIET_TRAINER)
