@@ -12,7 +12,7 @@ interleaved rounds time
 * ``pyro_lvm.fit (defaults)``: ``pyro_lvm.fit`` as a user calls it, writing its run folder
   (CSV logger, last and best checkpoints, progress bar off only because no terminal reads it here).
 
-Recipes: ``digits`` (the default demo: VAE 64-256-128-2 on the 8x8 digits, batch 64, 40 epochs), a
+Recipes: ``digits`` (VAE 64-256-128-2, the default demo's network, on the binarized 8x8 digits, batch 64, 40 epochs), a
 user's own pair (the README's factor-analysis model with an amortized guide, ``analytic_kl``, 30 epochs;
 its hand-written twin writes the same ELBO in torch) and, with ``--mnist DIR``, ``mnist`` (VAE
 784-400-20 on MNIST, batch 128, 3 epochs). ``--startup`` adds the

@@ -20,6 +20,7 @@ from .models.cvae import ConditionalVAE, DeterministicBaseline
 from .models.discrete_vae import DiscreteVAE
 from .models.flow import FlowModel
 from .models.hierarchical_vae import HierarchicalVAE
+from .models.ssvae import SemiSupervisedVAE
 from .models.vae import VAE
 
 __version__ = "0.1.0"
@@ -42,6 +43,7 @@ __all__ = [
     "DeterministicBaseline",
     "FlowModel",
     "HierarchicalVAE",
+    "SemiSupervisedVAE",
     "LVMModule",
     "fit",
     "elbo_terms",

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "activation"]
+__all__ = ["MLP", "ConvEncoder", "ConvDecoder", "ResidualBlock", "ResConvEncoder", "ResConvDecoder", "activation"]
 
 _ACTIVATIONS = {
     "relu": nn.ReLU,
@@ -135,6 +135,148 @@ class ConvDecoder(nn.Sequential):
             layers += [nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
                        activation(act)]
         super().__init__(*layers[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return over_images(super().forward, x)
+
+
+class ResidualBlock(nn.Module):
+    r"""A pre-activation residual block that keeps the shape: :math:`x + F(x)`.
+
+    :math:`F(x) = \mathrm{conv}_2(a(\mathrm{conv}_1(a(x))))`, two 3x3 convolutions of
+    ``channels`` maps with the activation :math:`a` before each (He et al., 2016). The last
+    convolution starts at zero (weights and bias), so the block starts as the identity: a
+    network starts as the same network without its blocks, whatever their number, and the
+    gradient reaches the layers below each block through its skip path, with no normalization
+    layers (Zhang et al., 2019; De & Smith, 2020). Inputs may carry any leading dimensions, ``(..., C, H, W)``.
+
+    References:
+        | Identity Mappings in Deep Residual Networks (He et al., 2016), https://arxiv.org/abs/1603.05027
+        | Fixup Initialization: Residual Learning Without Normalization (Zhang et al., 2019), https://arxiv.org/abs/1901.09321
+        | Batch Normalization Biases Residual Blocks Towards the Identity Function in Deep Networks
+          (De & Smith, 2020), https://arxiv.org/abs/2002.10444
+
+    Arguments:
+        channels: maps in and out (and between the two convolutions).
+        act: activation before each convolution (see :func:`activation`).
+
+    Example:
+        >>> block = ResidualBlock(8)
+        >>> x = torch.randn(2, 3, 8, 5, 5)
+        >>> block(x).shape
+        torch.Size([2, 3, 8, 5, 5])
+        >>> torch.equal(block(x), x)  # the identity until trained
+        True
+    """
+
+    def __init__(self, channels: int, act: str = "relu"):
+        super().__init__()
+        self.residual = nn.Sequential(
+            activation(act), nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+            activation(act), nn.Conv2d(channels, channels, kernel_size=3, padding=1),
+        )
+        nn.init.zeros_(self.residual[-1].weight)
+        nn.init.zeros_(self.residual[-1].bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + over_images(self.residual, x)
+
+
+class ResConvEncoder(nn.Sequential):
+    r""":class:`ConvEncoder` with residual blocks (:class:`ResidualBlock`) after each stride-2 convolution.
+
+    Stage :math:`k` is ``Conv2d(kernel_size=4, stride=2, padding=1)`` to ``channels[k]``
+    maps, ``blocks_per_stage`` residual blocks at that size, then the activation: an
+    :math:`H \times W` input leaves as ``channels[-1]`` maps of size
+    :math:`H / 2^K \times W / 2^K` (:math:`K` = ``len(channels)``), as from
+    :class:`ConvEncoder` with the same arguments, for which it can be swapped in. The blocks
+    start as the identity, so at initialization it computes what a :class:`ConvEncoder`
+    with the same stride-2 weights computes; ``blocks_per_stage=0`` is that encoder.
+    Inputs may carry any leading dimensions, ``(..., C, H, W)``.
+
+    References:
+        Deep Residual Learning for Image Recognition (He et al., 2016), https://arxiv.org/abs/1512.03385
+
+    Arguments:
+        in_channels: channels of the input image.
+        channels: output channels of each stage (one stage per entry).
+        act: activation (see :func:`activation`).
+        blocks_per_stage: residual blocks after each stride-2 convolution.
+
+    Example:
+        >>> net = ResConvEncoder(1, [8, 16], blocks_per_stage=2)
+        >>> net(torch.zeros(3, 1, 28, 28)).shape
+        torch.Size([3, 16, 7, 7])
+        >>> net(torch.zeros(2, 3, 1, 28, 28)).shape  # extra leading dims
+        torch.Size([2, 3, 16, 7, 7])
+    """
+
+    def __init__(self, in_channels: int, channels: Sequence[int], act: str = "relu", blocks_per_stage: int = 1):
+        if len(channels) == 0 or blocks_per_stage < 0:
+            raise ValueError(
+                f"ResConvEncoder needs at least one stage and blocks_per_stage >= 0; got channels={list(channels)}, "
+                f"blocks_per_stage={blocks_per_stage}."
+            )
+        stages = [
+            nn.Sequential(
+                nn.Conv2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
+                *(ResidualBlock(c_out, act) for _ in range(blocks_per_stage)),
+                activation(act),
+            )
+            for c_in, c_out in zip([in_channels, *channels[:-1]], channels)
+        ]
+        super().__init__(*stages)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return over_images(super().forward, x)
+
+
+class ResConvDecoder(nn.Sequential):
+    r""":class:`ConvDecoder` with residual blocks (:class:`ResidualBlock`) before each stride-2 transposed convolution.
+
+    The mirror of :class:`ResConvEncoder`: stage :math:`k` runs ``blocks_per_stage``
+    residual blocks on its ``channels[k]`` input maps, then
+    ``ConvTranspose2d(kernel_size=4, stride=2, padding=1)`` to ``channels[k + 1]`` maps
+    (``out_channels`` at the last stage) and the activation, none after the last (its
+    output is, e.g., the logits of a likelihood). The size grows by :math:`2^K`
+    (:math:`K` = ``len(channels)``), as in :class:`ConvDecoder` with the same arguments,
+    for which it can be swapped in; at initialization the blocks are the identity, and
+    ``blocks_per_stage=0`` is that decoder. Inputs may carry any leading dimensions,
+    ``(..., C, H, W)``.
+
+    References:
+        Deep Residual Learning for Image Recognition (He et al., 2016), https://arxiv.org/abs/1512.03385
+
+    Arguments:
+        channels: channels entering each stage (the first is the input's).
+        out_channels: channels of the output image.
+        act: activation (see :func:`activation`).
+        blocks_per_stage: residual blocks before each stride-2 transposed convolution.
+
+    Example:
+        >>> net = ResConvDecoder([16, 8], 1, blocks_per_stage=2)
+        >>> net(torch.zeros(3, 16, 7, 7)).shape
+        torch.Size([3, 1, 28, 28])
+        >>> net(torch.zeros(2, 3, 16, 7, 7)).shape  # extra leading dims
+        torch.Size([2, 3, 1, 28, 28])
+    """
+
+    def __init__(self, channels: Sequence[int], out_channels: int, act: str = "relu", blocks_per_stage: int = 1):
+        if len(channels) == 0 or blocks_per_stage < 0:
+            raise ValueError(
+                f"ResConvDecoder needs at least one stage and blocks_per_stage >= 0; got channels={list(channels)}, "
+                f"blocks_per_stage={blocks_per_stage}."
+            )
+        dims = [*channels, out_channels]
+        stages = [
+            nn.Sequential(
+                *(ResidualBlock(c_in, act) for _ in range(blocks_per_stage)),
+                nn.ConvTranspose2d(c_in, c_out, kernel_size=4, stride=2, padding=1),
+                *([activation(act)] if k < len(channels) - 1 else []),
+            )
+            for k, (c_in, c_out) in enumerate(zip(dims[:-1], dims[1:]))
+        ]
+        super().__init__(*stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return over_images(super().forward, x)

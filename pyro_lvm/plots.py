@@ -11,6 +11,7 @@ from typing import Iterator, Literal, Optional, Sequence, Union
 import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .ops import standard_normal_kl
 
@@ -139,6 +140,7 @@ def plot_loss_curves(metrics_csv: Union[str, Path], path: Union[str, Path]) -> P
         ax.plot(xs, ys, marker="o", markersize=3, label=label)
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per data point")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
     ax.legend()
     fig.tight_layout()
     path = Path(path)
@@ -192,6 +194,8 @@ def plot_latent_usage(history: Sequence[dict], path: _PathLike, site: Optional[s
     twin.plot(epochs, [h["kl"] for h in history], marker="s", markersize=3, color="C1")
     twin.set_ylabel("KL per data point (nats)", color="C1")
     axes[1].set_title("active units and KL", fontsize=9)
+    for axis in (axes[0].xaxis, axes[0].yaxis, axes[1].xaxis, axes[1].yaxis):  # epochs, dimensions, units: whole
+        axis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # numbers, even on a span of one
     if spatial:
         per_location = sites[site]["kl"].sum(0)
         image = axes[2].imshow(per_location.cpu().numpy(), cmap="viridis", interpolation="nearest")

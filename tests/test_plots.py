@@ -8,10 +8,12 @@ import matplotlib.image
 import pyro.distributions as dist
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 import pyro_lvm
 from pyro_lvm.cli import main
 from pyro_lvm.cli.fit import RunReport
+from pyro_lvm.diagnostics.report import kl_section
 from pyro_lvm.plots import (
     interpolation_latents,
     kl_per_dim,
@@ -19,6 +21,8 @@ from pyro_lvm.plots import (
     plot_completions,
     plot_interpolation,
     plot_latent_space,
+    plot_latent_usage,
+    plot_loss_curves,
     plot_manifold,
     plot_reconstructions,
     plot_samples,
@@ -70,6 +74,25 @@ def png_size(path):
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.size > 0
     return image.shape[:2]
+
+
+def visible_tick_labels(axis):
+    """The tick labels that a saved figure shows on one axis (those inside its view)."""
+    low, high = sorted(axis.get_view_interval())
+    return [label.get_text() for loc, label in zip(axis.get_ticklocs(), axis.get_ticklabels()) if low <= loc <= high]
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """Every matplotlib Figure saved while the test runs, drawn as written (its tick labels set)."""
+    figures, save = [], Figure.savefig
+
+    def record(self, *args, **kwargs):
+        figures.append(self)
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    return figures
 
 
 @pytest.fixture
@@ -214,6 +237,41 @@ def test_latent_space_scatter(tmp_path):
     png_size(plot_latent_space(vae, torch.rand(30, 64), tmp_path / "s.png", labels=torch.arange(30) % 10))
     with pytest.raises(ValueError, match="exactly 2 coordinates"):
         plot_latent_space(LinearModel(latent_shape=(3,)), torch.rand(5, 16), tmp_path / "s.png")
+
+
+# ----- whole-number axes ------------------------------------------------------------------------
+def usage_history(num_epochs, kl_shape):
+    return [{"epoch": e, "kl": 1.0 + e, "active_units": min(e, 2), "sites": {"z": {
+        "kl": torch.full(kl_shape, 0.5 * e), "activity": torch.ones(kl_shape)}}} for e in range(num_epochs)]
+
+
+@pytest.mark.parametrize("num_epochs, kl_shape, dims", [
+    (1, (1,), ["0"]), (3, (2,), ["0", "1"]), (12, (3,), ["0", "1", "2"]), (40, (2,), ["0", "1"]),
+    (5, (1, 2, 2), ["0", "1", "2", "3"]),  # a spatial map: its flattened coordinates
+])
+def test_latent_usage_labels_dimensions_epochs_and_units_with_whole_numbers(
+        num_epochs, kl_shape, dims, saved_figures, tmp_path):
+    plot_latent_usage(usage_history(num_epochs, kl_shape), tmp_path / "usage.png")
+    heat_map, units = saved_figures[-1].axes[:2]
+    assert visible_tick_labels(heat_map.yaxis) == dims
+    for axis in (heat_map.xaxis, units.xaxis, units.yaxis):  # epochs and counts of units
+        labels = visible_tick_labels(axis)
+        assert labels and all(label.lstrip("−").isdigit() for label in labels), labels
+    assert visible_tick_labels(heat_map.xaxis)[0] == "0"
+
+
+def test_loss_curves_label_epochs_with_whole_numbers(saved_figures, tmp_path):
+    metrics = tmp_path / "metrics.csv"
+    metrics.write_text("epoch,train/loss_epoch,val/elbo\n0,30.0,\n0,,-29.0\n1,25.0,\n1,,-24.5\n")
+    plot_loss_curves(metrics, tmp_path / "loss.png")
+    assert visible_tick_labels(saved_figures[-1].axes[0].xaxis) == ["0", "1"]
+
+
+def test_diagnose_labels_the_kl_of_each_dimension_with_whole_numbers(saved_figures, tmp_path):
+    vae = pyro_lvm.VAE(data_shape=64, latent_dim=2, hidden_dims=[8])
+    kl_section(vae.model, vae.guide, torch.bernoulli(torch.full((6, 64), 0.5)), {},
+               SimpleNamespace(batch_size=6), tmp_path)
+    assert visible_tick_labels(saved_figures[-1].axes[0].xaxis) == ["0", "1"]
 
 
 # ----- layout: one tile per row and column -------------------------------------------------------

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
@@ -50,7 +51,10 @@ from ..training.runs import (
 
 __all__ = ["DEFAULT_CONFIG", "RunReport", "LVMCLI", "quiet", "instantiate_run"]
 
-DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"
+DEFAULT_CONFIG = Path(__file__).parent.parent / "configs" / "default.yaml"  # `pyro-lvm fit` alone: the demo
+#: what a `pyro-lvm fit --config FILE` run reads before FILE: the demo's own choices (its likelihood, grey levels,
+#: learning rate) would otherwise reach every config that leaves those keys out
+BASE_CONFIG = Path(__file__).parent.parent / "configs" / "base.yaml"
 
 
 class RunReport(pl.Callback):
@@ -302,7 +306,7 @@ class LVMCLI(LightningCLI):
 
     def __init__(self, args: Optional[list[str]] = None, **kwargs):
         kwargs.setdefault("parser_kwargs", {}).setdefault(
-            "fit", {"default_config_files": [str(DEFAULT_CONFIG)]}
+            "fit", {"default_config_files": [str(BASE_CONFIG if _names_a_config(args) else DEFAULT_CONFIG)]}
         )
         kwargs.setdefault("trainer_defaults", {"callbacks": [RunReport()]})
         # the run folder is claimed (a new version) or checked (an explicit one) before anything is written
@@ -430,6 +434,14 @@ class LVMCLI(LightningCLI):
         """``Trainer.predict``, reading a checkpoint (a path, ``last``, ``best``) with ``weights_only=True``."""
         return self.trainer.predict(model, datamodule=datamodule, ckpt_path=ckpt_path,
                                     weights_only=_weights_only(weights_only), **kwargs)
+
+
+def _names_a_config(args: Any) -> bool:
+    """Whether the command line (``args``, else ``sys.argv``) gives a ``--config`` file."""
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, dict):
+        return "config" in argv
+    return any(str(a) == "--config" or str(a).startswith("--config=") for a in argv)
 
 
 def _weights_only(value: Optional[bool]) -> bool:

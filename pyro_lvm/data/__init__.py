@@ -5,7 +5,8 @@
   its per-epoch shuffle and its batches;
 * :mod:`~pyro_lvm.data.modules`: the data modules (the embedded 8x8 digits, MNIST, static binarized MNIST,
   your tensors);
-* :mod:`~pyro_lvm.data.quadrants`: image completion from some quadrants of a digit.
+* :mod:`~pyro_lvm.data.quadrants`: image completion from some quadrants of a digit;
+* :mod:`~pyro_lvm.data.semi_supervised`: a few labels per class kept, the others hidden (``y = -1``).
 """
 
 from .datasets import (
@@ -24,6 +25,12 @@ from .modules import (
 )
 from .quadrants import QuadrantsDataModule
 from .readers import DATA_ENV_VAR, read_amat, read_idx
+from .semi_supervised import (
+    SemiSupervisedDigitsDataModule,
+    SemiSupervisedMNISTDataModule,
+    StratifiedBatchSampler,
+    balanced_labelled_subset,
+)
 
 __all__ = [
     "EpochShuffleSampler",
@@ -40,4 +47,8 @@ __all__ = [
     "BinarizedMNISTDataModule",
     "TensorDataModule",
     "QuadrantsDataModule",
+    "SemiSupervisedDigitsDataModule",
+    "SemiSupervisedMNISTDataModule",
+    "StratifiedBatchSampler",
+    "balanced_labelled_subset",
 ]

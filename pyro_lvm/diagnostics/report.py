@@ -108,6 +108,7 @@ def khat_section(checks, model, guide, x, kwargs, options, out: Path) -> list[st
 
 def kl_section(model, guide, x, kwargs, options, out: Path) -> list[str]:
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     # a few particles suffice: only the guide's KL per dimension and its activity are drawn
     result = evaluate(model, x, guide=guide, num_particles=2, chunk_size=2, batch_size=options.batch_size, **kwargs)
@@ -120,6 +121,7 @@ def kl_section(model, guide, x, kwargs, options, out: Path) -> list[str]:
         ax = fig.subplots()
         ax.bar(range(len(values)), values.numpy(), color="C0")
         ax.set_xlabel(f"dimension of {site}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # dimensions are whole numbers
         ax.set_ylabel("KL (nats per data point)")
         ax.set_title(f"KL per dimension of {site}: {result.active_units} of {result.num_units} units active", fontsize=9)
         fig.tight_layout()

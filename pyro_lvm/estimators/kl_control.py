@@ -76,9 +76,12 @@ def kl_per_variable(q, p, value: Optional[torch.Tensor] = None) -> torch.Tensor:
 def is_flow(d) -> bool:
     """Whether ``d`` (possibly in ``Independent``) is a plain TransformedDistribution, e.g. a flow.
 
-    Subclasses with their own densities and KLs (LogNormal, RelaxedBernoulli, ...) are not.
+    Subclasses with their own densities and KLs (LogNormal, RelaxedBernoulli, ...) are not; a subclass that
+    is a flow says so by a true class attribute ``is_flow`` (:class:`pyro_lvm.flows.vae_flows.FlowDistribution`).
     """
-    return type(unwrap_independent(d)[0]) in (torch.distributions.TransformedDistribution, TransformedDistribution)
+    base = unwrap_independent(d)[0]
+    return type(base) in (torch.distributions.TransformedDistribution, TransformedDistribution) or bool(
+        getattr(base, "is_flow", False))
 
 
 class KLControl:

@@ -17,7 +17,8 @@ from .coupling import AdditiveCoupling, AffineCoupling, ConditionalAffineCouplin
 from .layers import DiagonalScaling
 from .stacks import transform_parts
 
-__all__ = ["PRIOR_FLOWS", "POSTERIOR_FLOWS", "prior_flow", "posterior_flow", "flow_prior", "flow_posterior"]
+__all__ = ["PRIOR_FLOWS", "POSTERIOR_FLOWS", "prior_flow", "posterior_flow", "flow_prior", "flow_posterior",
+           "FlowDistribution"]
 
 PRIOR_FLOWS = ("realnvp", "nice")
 POSTERIOR_FLOWS = ("coupling", "iaf")
@@ -176,5 +177,34 @@ def flow_posterior(
         >>> q.log_prob(z).shape
         torch.Size([4])
     """
-    layers = flow.transforms if isinstance(flow, ConditionalComposeTransformModule) else flow
-    return dist.TransformedDistribution(base, [layer.condition(context) for layer in layers])
+    if isinstance(flow, ConditionalComposeTransformModule):
+        layers = flow.transforms
+    elif isinstance(flow, ConditionalTransformModule) or hasattr(flow, "condition"):
+        layers = [flow]  # one conditional transform of the user's
+    else:
+        layers = flow
+    return FlowDistribution(base, [layer.condition(context) for layer in layers])
+
+
+class FlowDistribution(dist.TransformedDistribution):
+    r"""A :class:`~pyro.distributions.TransformedDistribution` whose draws without a gradient are fresh tensors.
+
+    A transform with a cache (Pyro's autoregressive and coupling layers) answers :math:`f^{-1}(z)` for the
+    tensor it produced from its cache, with the intermediate values it computed then. For ``rsample`` that is
+    exact and cheap. For ``sample`` those values were computed without a gradient, so :math:`\log q(z)` at
+    such a draw (the score function's :math:`\nabla_\phi \log q_\phi(z)`) would carry no gradient to the
+    flow's parameters. Its draws are therefore copies, and their density is computed by the inverse pass,
+    with its gradient.
+
+    Example:
+        >>> from pyro.distributions.transforms import affine_autoregressive
+        >>> flow = affine_autoregressive(2, hidden_dims=[8])
+        >>> q = FlowDistribution(dist.Normal(torch.zeros(2), 1.0).to_event(1), [flow])
+        >>> q.log_prob(q.sample()).requires_grad
+        True
+    """
+
+    is_flow = True  # for pyro_lvm.estimators.kl_control.is_flow: no closed-form KL
+
+    def sample(self, sample_shape=torch.Size()):
+        return super().sample(sample_shape).clone()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -192,6 +192,15 @@ class LatentVariableModel(DataChecks, PyroModule):
         (:func:`pyro_lvm.ops.standard_normal_kl`), which the fast training step uses.
         """
         return not self._redefined(("prior", "posterior"))
+
+    def written_out_prior(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        r"""``z -> log p(z)`` per draw without distribution objects, for a prior other than :math:`\mathcal N(0, I)`.
+
+        ``None`` here; a model whose posterior is :meth:`encode`'s diagonal Gaussian and whose prior has a
+        written-out log-density (:class:`pyro_lvm.VAE` with a VampPrior) returns it, and the fast training
+        step then applies.
+        """
+        return None
 
     # ----- shared ------------------------------------------------------------------
     @property

@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn.functional import softplus
 
 from ..estimators.kl_control import kl_per_variable
-from ..likelihoods import Likelihood, make_likelihood
+from ..likelihoods import Likelihood, LikelihoodName, likelihood_config, make_likelihood
 from ..nets import MLP, ConvDecoder, ConvEncoder, over_images
 from ..nets import activation as _activation
 from .base import LatentVariableModel
@@ -65,8 +65,11 @@ class ConvVAE(LatentVariableModel):
         latent_dim: flat only: dimension of ``z``.
         channels: output channels of the encoder's stages (each halves H and W); the decoder mirrors them.
         hidden_dim: flat only: width of the hidden layer between the maps and ``z``.
-        likelihood: ``"bernoulli"`` (binary pixels) or ``"gaussian"``.
-        likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per pixel).
+        likelihood: a name, ``"bernoulli"`` (binary pixels), ``"continuous_bernoulli"`` (grey levels in
+            [0, 1]), ``"gaussian"``, ``"discretized_logistic"`` or ``"categorical"`` (8-bit pixels, k/255), or a
+            :class:`~pyro_lvm.likelihoods.Likelihood` object (YAML: ``{class_path: ..., init_args: ...}``), which
+            the model binds to ``data_shape``; the decoder's last layer has ``params_per_value * C`` channels.
+        likelihood_scale: Gaussian (by name) only: a fixed ``sigma`` or ``"learned"`` (per pixel).
         activation: nonlinearity of both networks. ELU by default: on the 8x8 digits
             (``latent_channels=4``, ``channels=[16, 32]``, Adam at 3e-3), ReLU networks let the
             posterior collapse (KL < 0.1 nats, no active unit) for about ten epochs, ELU ones
@@ -94,7 +97,7 @@ class ConvVAE(LatentVariableModel):
         latent_dim: int = 16,
         channels: Sequence[int] = (32, 64),
         hidden_dim: int = 256,
-        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Union[LikelihoodName, Likelihood] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "elu",
     ):
@@ -107,7 +110,7 @@ class ConvVAE(LatentVariableModel):
             latent_dim=latent_dim,
             channels=list(channels),
             hidden_dim=hidden_dim,
-            likelihood=likelihood,
+            likelihood=likelihood_config(likelihood),
             likelihood_scale=likelihood_scale,
             activation=activation,
         )
@@ -120,7 +123,9 @@ class ConvVAE(LatentVariableModel):
         self.likelihood: Likelihood = make_likelihood(likelihood, shape, scale=likelihood_scale)
         self.event_shape = self.likelihood.event_shape
         features = ConvEncoder(in_channels, channels, activation)
-        upsample = ConvDecoder(list(reversed(channels)), in_channels, activation)
+        # P parameter maps per image channel (the likelihood reads (P, C, H, W), P outermost)
+        out_channels = self.likelihood.params_per_value * in_channels
+        upsample = ConvDecoder(list(reversed(channels)), out_channels, activation)
         if latent == "spatial":
             self.latent_dim = None
             self.latent_shape = torch.Size([latent_channels, *self.feature_shape[1:]])

@@ -13,7 +13,7 @@ from pyro.infer.util import is_validation_enabled
 from pyro.nn import PyroModule
 from torch.nn.functional import softplus
 
-from ..likelihoods import Likelihood, make_likelihood
+from ..likelihoods import Likelihood, LikelihoodName, likelihood_config, make_likelihood
 from ..nets import MLP
 from ..ops import log_mean_exp
 from .base import DataChecks, LatentVariableModel, data_plate
@@ -145,8 +145,11 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         latent_dim: dimension of ``z``.
         hidden_dims: widths of the recognition and prior networks' hidden layers; the decoder mirrors them.
         prior: ``"learned"`` (a prior network :math:`p_\theta(z \mid x)`) or ``"standard"`` (:math:`\mathcal N(0, I)`).
-        likelihood: ``"bernoulli"`` (binary outputs) or ``"gaussian"``.
-        likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
+        likelihood: a name, ``"bernoulli"`` (binary outputs), ``"continuous_bernoulli"`` (grey levels in
+            [0, 1]), ``"gaussian"``, ``"discretized_logistic"`` or ``"categorical"`` (8-bit outputs, k/255), or a
+            :class:`~pyro_lvm.likelihoods.Likelihood` object (YAML: ``{class_path: ..., init_args: ...}``), which
+            the model binds to ``data_shape``; the network ends in its ``output_dim`` numbers.
+        likelihood_scale: Gaussian (by name) only: a fixed ``sigma`` or ``"learned"`` (per dimension).
         activation: nonlinearity of the networks.
 
     Example:
@@ -169,7 +172,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         latent_dim: int = 8,
         hidden_dims: Sequence[int] = (256, 256),
         prior: Literal["standard", "learned"] = "learned",
-        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Union[LikelihoodName, Likelihood] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "relu",
     ):
@@ -187,7 +190,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
             latent_dim=latent_dim,
             hidden_dims=list(hidden_dims),
             prior=prior,
-            likelihood=likelihood,
+            likelihood=likelihood_config(likelihood),
             likelihood_scale=likelihood_scale,
             activation=activation,
         )
@@ -199,7 +202,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
         input_dim, data_dim = math.prod(self.input_shape), self.likelihood.data_dim
         self.encoder = MLP(input_dim + data_dim, hidden_dims, 2 * latent_dim, activation)
         self.prior_net = MLP(input_dim, hidden_dims, 2 * latent_dim, activation) if prior == "learned" else None
-        self.decoder = MLP(input_dim + latent_dim, list(reversed(hidden_dims)), data_dim, activation)
+        self.decoder = MLP(input_dim + latent_dim, list(reversed(hidden_dims)), self.likelihood.output_dim, activation)
 
     # ----- the Pyro model/guide pair -------------------------------------------------
     def model(
@@ -327,7 +330,7 @@ class ConditionalVAE(_ConditionalIO, LatentVariableModel):
             raise ValueError(f"num_particles must be a positive integer; got {num_particles}.")
         q = dist.Normal(*self.encode(x, y)).to_event(1)
         prior = self.conditional_prior(x)
-        chunk = max(1, _CHUNK_ELEMENTS // (x.shape[0] * self.likelihood.data_dim))
+        chunk = max(1, _CHUNK_ELEMENTS // (x.shape[0] * self.likelihood.output_dim))
         log_weights = []
         for start in range(0, num_particles, chunk):
             z = q.sample(torch.Size([min(chunk, num_particles - start)]))
@@ -366,8 +369,11 @@ class DeterministicBaseline(_ConditionalIO, DataChecks, PyroModule):
         data_shape: shape of one output ``y`` (an int for flat vectors).
         input_shape: shape of one input ``x``; ``None`` for ``data_shape``.
         hidden_dims: widths of the network's hidden layers.
-        likelihood: ``"bernoulli"`` (binary outputs) or ``"gaussian"``.
-        likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
+        likelihood: a name, ``"bernoulli"`` (binary outputs), ``"continuous_bernoulli"`` (grey levels in
+            [0, 1]), ``"gaussian"``, ``"discretized_logistic"`` or ``"categorical"`` (8-bit outputs, k/255), or a
+            :class:`~pyro_lvm.likelihoods.Likelihood` object (YAML: ``{class_path: ..., init_args: ...}``), which
+            the model binds to ``data_shape``; the network ends in its ``output_dim`` numbers.
+        likelihood_scale: Gaussian (by name) only: a fixed ``sigma`` or ``"learned"`` (per dimension).
         activation: nonlinearity of the network.
 
     Example:
@@ -386,7 +392,7 @@ class DeterministicBaseline(_ConditionalIO, DataChecks, PyroModule):
         data_shape: _Shape = (1, 8, 8),
         input_shape: Optional[_Shape] = None,
         hidden_dims: Sequence[int] = (256, 256),
-        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Union[LikelihoodName, Likelihood] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "relu",
     ):
@@ -395,14 +401,14 @@ class DeterministicBaseline(_ConditionalIO, DataChecks, PyroModule):
             data_shape=_as_config_shape(data_shape),
             input_shape=None if input_shape is None else _as_config_shape(input_shape),
             hidden_dims=list(hidden_dims),
-            likelihood=likelihood,
+            likelihood=likelihood_config(likelihood),
             likelihood_scale=likelihood_scale,
             activation=activation,
         )
         self.likelihood: Likelihood = make_likelihood(likelihood, data_shape, scale=likelihood_scale)
         self.event_shape = self.likelihood.event_shape
         self.input_shape = self.event_shape if input_shape is None else _as_size(input_shape)
-        self.net = MLP(math.prod(self.input_shape), hidden_dims, self.likelihood.data_dim, activation)
+        self.net = MLP(math.prod(self.input_shape), hidden_dims, self.likelihood.output_dim, activation)
 
     def model(
         self,
@@ -430,7 +436,7 @@ class DeterministicBaseline(_ConditionalIO, DataChecks, PyroModule):
     @torch.no_grad()
     def predict(self, x: torch.Tensor, num_samples: int = 1, mean: bool = True) -> torch.Tensor:
         """E[y | x] (``mean=True``) or draws of y, shape ``(num_samples, B, *data_shape)``."""
-        h = self.net(self._flat_input(x)).expand(num_samples, x.shape[0], self.likelihood.data_dim)
+        h = self.net(self._flat_input(x)).expand(num_samples, x.shape[0], self.likelihood.output_dim)
         return self.likelihood.mean(h) if mean else self.likelihood(h).sample()
 
     @torch.no_grad()

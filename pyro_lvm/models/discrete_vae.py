@@ -8,7 +8,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn.functional import one_hot
 
-from ..likelihoods import Likelihood, make_likelihood
+from ..likelihoods import Likelihood, LikelihoodName, likelihood_config, make_likelihood
 from ..nets import MLP
 from .base import LatentVariableModel
 
@@ -68,8 +68,11 @@ class DiscreteVAE(LatentVariableModel):
             ignored when ``latent="bernoulli"`` (the attribute is then ``None``).
         latent: ``"categorical"`` (one-hot ``z``) or ``"bernoulli"`` (binary ``z``).
         hidden_dims: widths of the encoder's hidden layers; the decoder mirrors them.
-        likelihood: ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (grey levels in [0, 1]) or ``"gaussian"``.
-        likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
+        likelihood: a name, ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (grey levels in [0, 1]),
+            ``"gaussian"``, ``"discretized_logistic"`` or ``"categorical"`` (8-bit data, k/255), or a
+            :class:`~pyro_lvm.likelihoods.Likelihood` object (YAML: ``{class_path: ..., init_args: ...}``), which
+            the model binds to ``data_shape``; the decoder ends in its ``output_dim`` numbers.
+        likelihood_scale: Gaussian (by name) only: a fixed ``sigma`` or ``"learned"`` (per dimension).
         activation: nonlinearity of both networks.
 
     Example:
@@ -92,7 +95,7 @@ class DiscreteVAE(LatentVariableModel):
         num_categories: int = 4,
         latent: Literal["categorical", "bernoulli"] = "categorical",
         hidden_dims: Sequence[int] = (256, 128),
-        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Union[LikelihoodName, Likelihood] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "relu",
     ):
@@ -116,7 +119,7 @@ class DiscreteVAE(LatentVariableModel):
             num_categories=num_categories,
             latent=latent,
             hidden_dims=list(hidden_dims),
-            likelihood=likelihood,
+            likelihood=likelihood_config(likelihood),
             likelihood_scale=likelihood_scale,
             activation=activation,
         )
@@ -138,7 +141,7 @@ class DiscreteVAE(LatentVariableModel):
         data_dim = self.likelihood.data_dim
         latent_dim = self.logits_shape.numel()
         self.encoder = MLP(data_dim, hidden_dims, latent_dim, activation)
-        self.decoder = MLP(latent_dim, list(reversed(hidden_dims)), data_dim, activation)
+        self.decoder = MLP(latent_dim, list(reversed(hidden_dims)), self.likelihood.output_dim, activation)
 
     @property
     def has_enumerable_latent(self) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import importlib
 import json
 import math
 from typing import Any, Callable, Optional, Sequence, Union
@@ -22,12 +21,12 @@ from ..flows.preprocessing import Logit
 from ..flows.preprocessing import bits_per_dim as _bits_per_dim
 from ..flows.preprocessing import dequantize as _dequantize
 from ..flows.stacks import initialize_actnorm, transform_parts
+from ..parts import CUSTOM, build_part, part_config
 from .base import data_plate
 
 __all__ = ["FlowModel"]
 
 _BASES = {"normal": dist.Normal, "logistic": dist.Logistic}
-CUSTOM = "custom"  # the config's value for a part given as an object that no config rebuilds
 
 
 def _refusing_the_old_spelling(init: Callable) -> Callable:
@@ -475,42 +474,12 @@ def _as_transform_module(transform: Any) -> nn.Module:
 
 def _transform_config(transform: nn.Module) -> Union[dict, str]:
     """``{"class_path", "init_args"}`` for one of pyro_lvm's configurable stacks, else ``"custom"``."""
-    cls = type(transform)
-    init_args = getattr(transform, "config", None)
-    if not (cls.__module__.startswith("pyro_lvm.") and isinstance(init_args, dict)):
-        return CUSTOM
-    # the shortest module that exports the class, as a YAML config names it: pyro_lvm.flows.RealNVP
-    parts = cls.__module__.split(".")
-    module = next(m for m in (".".join(parts[:k]) for k in range(2, len(parts) + 1))
-                  if getattr(importlib.import_module(m), cls.__qualname__, None) is cls)
-    return {"class_path": f"{module}.{cls.__qualname__}", "init_args": init_args}
+    return part_config(transform)
 
 
 def _build_transform(spec: dict) -> Transform:
     """A transform from ``{"class_path": "pyro_lvm...", "init_args": {...}}``, importing from pyro_lvm only."""
-    class_path = spec.get("class_path")
-    init_args = spec.get("init_args", {})
-    if not isinstance(class_path, str) or not isinstance(init_args, dict) or set(spec) - {"class_path", "init_args"}:
-        raise ValueError(
-            f"A transform's configuration is {{'class_path': 'pyro_lvm.flows.RealNVP', 'init_args': {{...}}}}; "
-            f"got {spec!r}."
-        )
-    module_name, _, name = class_path.rpartition(".")
-    if not module_name.startswith("pyro_lvm.") or not name.isidentifier():
-        raise ValueError(
-            f"A FlowModel configuration builds transforms of pyro_lvm only (pyro_lvm.flows.NICE, "
-            f"pyro_lvm.flows.RealNVP), so that it runs no foreign code; got class_path {class_path!r}. "
-            "Pass your own transform as an object: FlowModel(transform=your_transform, ...)."
-        )
-    try:
-        cls = getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError):
-        raise ValueError(
-            f"pyro_lvm has no transform {class_path!r}; its stacks are pyro_lvm.flows.NICE and pyro_lvm.flows.RealNVP."
-        ) from None
-    if not (isinstance(cls, type) and issubclass(cls, Transform)):
-        raise ValueError(f"{class_path!r} is not a transform (a torch.distributions.Transform subclass).")
-    return cls(**init_args)
+    return build_part(spec, Transform, "transform", "pyro_lvm.flows.RealNVP")
 
 
 # the stack options that FlowModel took before it took a transform, at their defaults then

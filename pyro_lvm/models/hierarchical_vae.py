@@ -9,7 +9,7 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-from ..likelihoods import Likelihood, make_likelihood
+from ..likelihoods import Likelihood, LikelihoodName, likelihood_config, make_likelihood
 from ..nets import MLP
 from .base import LatentVariableModel, data_plate
 
@@ -71,8 +71,11 @@ class HierarchicalVAE(LatentVariableModel):
         data_shape: shape of one data point (an int for flat vectors).
         latent_dims: sizes of :math:`z_1, \dots, z_L`, bottom (nearest the data) first.
         hidden_dims: one list of deterministic widths per stochastic layer: those of :math:`q(z_l \mid z_{l-1})`.
-        likelihood: ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (grey levels in [0, 1]) or ``"gaussian"``.
-        likelihood_scale: Gaussian only: a fixed ``sigma`` or ``"learned"`` (per dimension).
+        likelihood: a name, ``"bernoulli"`` (binary data), ``"continuous_bernoulli"`` (grey levels in [0, 1]),
+            ``"gaussian"``, ``"discretized_logistic"`` or ``"categorical"`` (8-bit data, k/255), or a
+            :class:`~pyro_lvm.likelihoods.Likelihood` object (YAML: ``{class_path: ..., init_args: ...}``), which
+            the model binds to ``data_shape``; :math:`p(x \mid z_1)`'s network ends in its ``output_dim`` numbers.
+        likelihood_scale: Gaussian (by name) only: a fixed ``sigma`` or ``"learned"`` (per dimension).
         activation: nonlinearity of every network (Burda et al.: ``"tanh"``).
 
     Example:
@@ -95,7 +98,7 @@ class HierarchicalVAE(LatentVariableModel):
         data_shape: Union[int, Sequence[int]] = 784,
         latent_dims: Sequence[int] = (100, 50),
         hidden_dims: Sequence[Sequence[int]] = ((200, 200), (100, 100)),
-        likelihood: Literal["bernoulli", "continuous_bernoulli", "gaussian"] = "bernoulli",
+        likelihood: Union[LikelihoodName, Likelihood] = "bernoulli",
         likelihood_scale: Union[float, Literal["learned"]] = "learned",
         activation: str = "tanh",
     ):
@@ -105,7 +108,7 @@ class HierarchicalVAE(LatentVariableModel):
             data_shape=data_shape if isinstance(data_shape, int) else list(data_shape),
             latent_dims=latent_dims,
             hidden_dims=hidden_dims,
-            likelihood=likelihood,
+            likelihood=likelihood_config(likelihood),
             likelihood_scale=likelihood_scale,
             activation=activation,
         )
@@ -119,9 +122,10 @@ class HierarchicalVAE(LatentVariableModel):
         self.encoder = nn.ModuleList(
             MLP(d_in, widths, 2 * d, activation) for d_in, widths, d in zip(below, hidden_dims, latent_dims)
         )
-        # decoder[0]: z_1 -> the likelihood's input; decoder[l] (l >= 1): z_{l+1} -> (mu, log sigma) of p(z_l | z_{l+1})
+        # decoder[0]: z_1 -> the likelihood's input (output_dim numbers); decoder[l] (l >= 1):
+        # z_{l+1} -> (mu, log sigma) of p(z_l | z_{l+1})
         self.decoder = nn.ModuleList(
-            MLP(d, widths[::-1], d_out if l == 0 else 2 * d_out, activation)
+            MLP(d, widths[::-1], self.likelihood.output_dim if l == 0 else 2 * d_out, activation)
             for l, (d, widths, d_out) in enumerate(zip(latent_dims, hidden_dims, below))
         )
 

@@ -56,6 +56,7 @@ a replaced guide, a model with its own ``model``/``guide``, extra model argument
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Optional
 
 import pyro
@@ -106,7 +107,8 @@ def fast_path_blocker(lvm: Any, guide: Callable, estimator: Any) -> Optional[str
     particles = type(estimator) in (IWAEELBO, DReGELBO)
     if type(estimator) is ScoreFunctionELBO or particles:
         if not _closed_form(lvm):
-            return f"{estimator._name} needs a Gaussian q(z | x) and p(z) = N(0, I) for its fast path (no flows)"
+            return (f"{estimator._name} needs the encoder's diagonal Gaussian q(z | x) and a prior with a written-out "
+                    "log-density (N(0, I), VampPrior, mixture) and a likelihood with its own log_density for its fast path")
         if getattr(estimator, "baseline", None) == "nvil":
             return "the NVIL baseline"
     elif type(estimator) not in (ReparamELBO, AnalyticKLELBO):
@@ -122,10 +124,14 @@ def fast_path_blocker(lvm: Any, guide: Callable, estimator: Any) -> Optional[str
 
 
 def _closed_form(lvm: Any) -> bool:
-    """Gaussian latents (``q`` the encoder's diagonal Gaussian, ``p(z) = N(0, I)``) and a likelihood with a
-    written-out ``log_density``."""
+    """``q`` the encoder's diagonal Gaussian, ``p(z)`` either N(0, I) or a prior with a written-out log-density
+    (:meth:`~pyro_lvm.models.base.LatentVariableModel.written_out_prior`), and a likelihood with a written-out
+    ``log_density``."""
     own = getattr(type(lvm.likelihood), "log_density", None)
-    return bool(lvm.standard_gaussian_latents()) and own not in (None, Likelihood.log_density)
+    if own in (None, Likelihood.log_density):
+        return False
+    written_out = getattr(lvm, "written_out_prior", None)
+    return bool(lvm.standard_gaussian_latents()) or (callable(written_out) and written_out() is not None)
 
 
 class FastLoss:
@@ -163,7 +169,13 @@ class FastLoss:
         self.score_function = isinstance(estimator, ScoreFunctionELBO)
         self.particles = isinstance(estimator, IWAEELBO)  # IWAE, or DReG (its subclass)
         self.dreg = isinstance(estimator, DReGELBO)
-        self.closed_form = _closed_form(lvm)
+        written_out = _closed_form(lvm)
+        self.standard = bool(lvm.standard_gaussian_latents())
+        #: whether the terms are written out without distribution objects, p(z) = N(0, I) (the held-out
+        #: terms and the KL per dimension of the latent monitor then have closed forms too)
+        self.closed_form = written_out and self.standard
+        #: log p(z) of another written-out prior (a VampPrior, a mixture), or None
+        self.log_prior = None if (self.standard or not written_out) else lvm.written_out_prior()
         self.check_next = True
         self._calls = 0
 
@@ -186,7 +198,7 @@ class FastLoss:
             return self._score_function_loss(x, beta)
         if self.particles:
             return self._particle_loss(x, beta)
-        if self.closed_form:
+        if self.closed_form or (self.log_prior is not None and not self.analytic):
             return self._closed_form_loss(x, beta)
         with pyro.validation_enabled(False):
             q = lvm.posterior(x)
@@ -221,8 +233,19 @@ class FastLoss:
             return -log_lik
         if self.analytic:
             return beta * standard_normal_kl(loc, scale).sum() - log_lik
-        log_ratio = 0.5 * (eps * eps - z * z) + scale.log()
-        return -(log_lik + beta * log_ratio.sum())
+        return -(log_lik + beta * self._log_ratio(z, eps, scale).sum())
+
+    def _log_ratio(self, z: torch.Tensor, eps: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        r""":math:`\log p(z) - \log q(z \mid x)` per draw at :math:`z = \mu + \sigma\epsilon` (per coordinate for N(0, I)).
+
+        For :math:`\mathcal N(0, I)`, :math:`\sum -z^2/2 + \epsilon^2/2 + \log\sigma` per coordinate (the constants
+        cancel); for another written-out prior, its :math:`\log p(z)` per draw minus
+        :math:`\sum_d -\epsilon_d^2/2 - \log\sigma_d - \tfrac12\log 2\pi`.
+        """
+        if self.log_prior is None:
+            return 0.5 * (eps * eps - z * z) + scale.log()
+        log_q = (-0.5 * eps * eps - scale.log()).sum(-1) - 0.5 * z.shape[-1] * math.log(2 * math.pi)
+        return self.log_prior(z) - log_q
 
     def held_out_terms(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         r"""The held-out ELBO's terms of a closed-form model at one draw, as Pyro's traces give them.
@@ -270,7 +293,7 @@ class FastLoss:
             z = torch.empty(loc.shape, dtype=loc.dtype, device=loc.device).normal_() * scale + loc
         dims = tuple(range(1, loc.dim()))
         log_q = normal_log_prob(z, loc, scale).sum(dims)
-        log_prior = standard_normal_log_prob(z).sum(dims)
+        log_prior = standard_normal_log_prob(z).sum(dims) if self.log_prior is None else self.log_prior(z)
         log_lik = lvm.likelihood.log_density(lvm.decoder_output(z), x)
         signal = log_lik.reshape(len(x), -1).sum(-1) + beta * (log_prior - log_q)
         zero = signal.new_zeros((1, 1))
@@ -297,9 +320,11 @@ class FastLoss:
             z = ScaleGrad.apply(z, holder)
             loc_stopped, scale_stopped = loc.detach(), scale.detach()
             u = (z - loc_stopped) / scale_stopped
-            log_ratio = (0.5 * (u * u - z * z) + scale_stopped.log()).sum(dims)
+            log_ratio = self._log_ratio(z, u, scale_stopped)
         else:
-            log_ratio = (0.5 * (eps * eps - z * z) + scale.log()).sum(dims)
+            log_ratio = self._log_ratio(z, eps, scale)
+        if self.log_prior is None:
+            log_ratio = log_ratio.sum(dims)
         log_lik = lvm.likelihood.log_density(lvm.decoder_output(z), x)
         log_w = log_lik.reshape(k, len(x), -1).sum(-1) + beta * log_ratio
         bound = log_mean_exp(log_w, 0, keepdim=False).sum()

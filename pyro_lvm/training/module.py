@@ -117,7 +117,8 @@ class LVMModule(pl.LightningModule):
     epoch ``val/active_units``, ``val/beta`` and the KL per latent dimension
     (see ``latent_monitor``).
     A model with an ``evaluation_metrics(terms)`` method adds its own numbers (sums
-    over the batch, logged per data point), e.g. :class:`pyro_lvm.FlowModel`'s ``bits_per_dim``.
+    over the batch, logged per data point), e.g. :class:`pyro_lvm.FlowModel`'s ``bits_per_dim``; so does one
+    with ``held_out_metrics(x, ...)``, from the batch entries it names (:class:`pyro_lvm.SemiSupervisedVAE`'s ``error``).
 
     Arguments:
         model: the model, or a module with ``model`` and ``guide`` methods.
@@ -487,10 +488,13 @@ class LVMModule(pl.LightningModule):
             else:
                 local, shared = self.held_out_terms.traced(self.objective.model, self.objective.guide, args, kwargs,
                                                            monitor)
-        extra = getattr(getattr(self, "lvm", None), "evaluation_metrics", None)
+        lvm = getattr(self, "lvm", None)
+        extra, on_batch = getattr(lvm, "evaluation_metrics", None), getattr(lvm, "held_out_metrics", None)
         if callable(extra):  # e.g. a flow's bits per dimension (linear in the terms)
             local.update(extra(local))
             shared.update(extra(shared))
+        for key, value in (accepting(on_batch)(*args, **kwargs) if callable(on_batch) else {}).items():
+            local[key], shared[key] = value, torch.zeros_like(value)  # e.g. a classifier's errors in the batch
         for key, value in local.items():
             name = f"{stage}/{key}"
             key_ = name.replace("/", "_")

@@ -242,3 +242,26 @@ def test_optimizer_key_keeps_the_own_rate_of_a_learned_baseline(tmp_path):
     scheduler.step()
     assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([0.025, 1.5e-3])
     assert "parameters" not in vars(cli.model)  # the module's own parameters() is back
+
+
+def test_the_demos_choices_do_not_reach_a_users_own_config(tmp_path, monkeypatch, capsys):
+    # `pyro-lvm fit` alone runs the demo (grey levels, a Gaussian likelihood); a config of the user's own that
+    # leaves the likelihood, the binarization and the rate out gets the classes' defaults, not the demo's
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("model:\n  model:\n    class_path: pyro_lvm.VAE\n    init_args: {data_shape: 64, latent_dim: 3}\n"
+                    "data:\n  class_path: pyro_lvm.data.DigitsDataModule\n")
+
+    def resolved(*args):
+        with pytest.raises(SystemExit):
+            main(["fit", *args, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    users = resolved(f"--config={mine}")
+    assert users["model"]["model"]["init_args"]["likelihood"] == "bernoulli"
+    assert users["data"]["init_args"]["binarize"] == "static" and users["model"]["lr"] == 1e-3
+    demo = resolved()
+    assert demo["model"]["model"]["init_args"]["likelihood"]["class_path"].endswith("GaussianLikelihood")
+    assert demo["data"]["init_args"]["binarize"] == "none"

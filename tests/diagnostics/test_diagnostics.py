@@ -307,7 +307,9 @@ def test_cli_measures_at_the_parameters_of_a_checkpoint(command_line, capsys):
     from pyro_lvm import fit
     from pyro_lvm.data import DigitsDataModule
 
-    small = ["--model.model.init_args.hidden_dims=[16]"]
+    # the checkpoint's model: a Bernoulli VAE on the binarized digits (the default run models grey levels)
+    small = ["--model.model.init_args.hidden_dims=[16]", "--model.model.init_args.likelihood=bernoulli",
+             "--data.init_args.binarize=static"]
     module = fit(
         VAE(data_shape=64, latent_dim=2, hidden_dims=[16]), data=DigitsDataModule(batch_size=64),
         max_epochs=1, limit_train_batches=3, limit_val_batches=1, log_every_n_steps=1, logger=False,

@@ -46,7 +46,7 @@ def test_outside_the_block_the_log_prob_is_pyros_bit_for_bit():
     with pytest.raises(KeyError):
         with compiled_log_prob():
             raise KeyError
-    assert not likelihoods._Kernels.compiled
+    assert not likelihoods.bernoulli._Kernels.compiled
 
 
 def test_compiled_log_likelihood_matches_the_eager_one():
@@ -64,8 +64,8 @@ def test_a_failed_compilation_falls_back_or_raises(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler")
 
-    monkeypatch.setattr(likelihoods._Kernels, "fns", {})
-    monkeypatch.setattr(likelihoods._Kernels, "failed", None)
+    monkeypatch.setattr(likelihoods.bernoulli._Kernels, "fns", {})
+    monkeypatch.setattr(likelihoods.bernoulli._Kernels, "failed", None)
     monkeypatch.setattr(torch, "compile", broken)
     vae = VAE(data_shape=12, latent_dim=2, hidden_dims=[8])
     x = torch.bernoulli(torch.full((6, 12), 0.5))
@@ -79,7 +79,7 @@ def test_a_failed_compilation_falls_back_or_raises(monkeypatch):
         assert torch.equal(fallback, expected)
         h = torch.zeros(2, 12)
         assert torch.equal(BernoulliLikelihood(12)(h).log_prob(x[:2]), _eager(h, x[:2], (12,)))
-    assert "no C++ compiler" in likelihoods._Kernels.failed
+    assert "no C++ compiler" in likelihoods.bernoulli._Kernels.failed
 
 
 def test_compile_argument_is_checked():

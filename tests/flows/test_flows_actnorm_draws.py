@@ -258,8 +258,8 @@ def vae_with_actnorm(actnorm=True):
     prior_layers = list(realnvp(D, num_layers=2, hidden=(8,), actnorm=True).double())
     posterior_layers = [Unconditional(ActNorm(D).double())] + list(vae.posterior_flow)
     if actnorm:
-        vae.prior_flow = nn.ModuleList(prior_layers)
-        vae.posterior_flow = nn.ModuleList(posterior_layers)
+        vae.prior_part.flow = nn.ModuleList(prior_layers)
+        vae.posterior_part.flow = nn.ModuleList(posterior_layers)
     return vae, prior_layers, posterior_layers
 
 
@@ -279,8 +279,8 @@ def test_vae_elbo_with_actnorm_prior_and_posterior_on_the_first_call(batch):
         assert t.log_scale.grad is not None and t.log_scale.grad.abs().sum() > 0
         assert torch.isfinite(t.bias.grad).all()
     # an ActNorm at the identity changes nothing: the same estimate without the ActNorm layers
-    vae.prior_flow = nn.ModuleList([t for t in prior_layers if not isinstance(t, ActNorm)])
-    vae.posterior_flow = nn.ModuleList(posterior_layers[1:])
+    vae.prior_part.flow = nn.ModuleList([t for t in prior_layers if not isinstance(t, ActNorm)])
+    vae.posterior_part.flow = nn.ModuleList(posterior_layers[1:])
     pyro.clear_param_store()
     torch.manual_seed(3)
     without = pyro.infer.Trace_ELBO().differentiable_loss(vae.model, vae.guide, x)

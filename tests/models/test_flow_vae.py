@@ -83,7 +83,7 @@ def test_flow_posterior_log_prob_is_the_change_of_variables(kind):
     vae = flow_vae(posterior_flow=kind)
     x = binary(4).double()
     q = vae.posterior(x)
-    loc, scale, context = vae._heads(x)
+    loc, scale, context = vae.posterior_part.base(vae.encoder_output(x))
     layers = [t.condition(context) for t in vae.posterior_flow]
     z = torch.randn(4, 2, dtype=torch.float64)
 
@@ -129,7 +129,7 @@ def test_encode_and_reconstruct_use_the_flow_at_the_base_mean():
     vae = flow_vae(posterior_flow="coupling")
     x = binary(3).double()
     loc, scale = vae.encode(x)
-    base_loc, base_scale, context = vae._heads(x)
+    base_loc, base_scale, context = vae.posterior_part.base(vae.encoder_output(x))
     assert torch.allclose(loc, forward_map([t.condition(context) for t in vae.posterior_flow])(base_loc))
     assert torch.equal(scale, base_scale)
     assert torch.allclose(vae.reconstruct(x), vae.decode(loc))
@@ -163,9 +163,11 @@ def test_default_vae_has_the_parameters_and_random_numbers_of_the_plain_vae():
 
 def test_flow_options_are_stored_and_rebuild_the_model():
     vae = flow_vae(prior_flow="nice", posterior_flow="iaf")
-    assert vae.config["flow_hidden"] == [8] and vae.config["prior_flow"] == "nice"
+    assert vae.config["prior"]["class_path"] == "pyro_lvm.priors.FlowPrior"
+    assert vae.config["prior"]["init_args"]["flow"] == "nice" and vae.config["prior"]["init_args"]["hidden"] == [8]
+    assert vae.config["posterior"]["init_args"]["flow"] == "iaf"
     twin = VAE(**vae.config)
-    assert set(twin.state_dict()) == set(vae.state_dict())
+    assert {k: v.shape for k, v in twin.state_dict().items()} == {k: v.shape for k, v in vae.state_dict().items()}
 
 
 @pytest.mark.parametrize(

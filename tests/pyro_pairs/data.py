@@ -70,7 +70,8 @@ class FactorData(TensorDataModule):
 
 # what each pair trains on: a data module and its arguments (a YAML config names them too)
 DATA = {
-    "vae": (DigitsDataModule, {"batch_size": 64}),
+    # binary pixels for a Bernoulli pair, said: a YAML run would otherwise take the default run's grey levels
+    "vae": (DigitsDataModule, {"batch_size": 64, "binarize": "static"}),
     "cvae": (QuadrantsDataModule, {"source": "digits", "batch_size": 64, "flatten": True}),
     "ssvae": (SemiSupervisedDigits, {"labels_per_class": 10, "batch_size": 64}),
     "gmm": (MixtureData, {}),

@@ -249,8 +249,8 @@ def test_a_run_folder_is_never_overwritten_and_a_data_error_leaves_no_empty_one(
     assert (run / "config.yaml").read_text() == config  # untouched
     main(["fit", *common, "--trainer.logger.init_args.version=3", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}",
           "--trainer.max_epochs=2"])  # resuming into its own folder is fine
-    with pytest.raises(ValueError):  # grey levels for a Bernoulli likelihood: refused before any step
-        main(["fit", *common, "--data.init_args.binarize=none"])
+    with pytest.raises(ValueError):  # a Bernoulli likelihood on the default's grey levels: refused before any step
+        main(["fit", *common, "--model.model.init_args.likelihood=bernoulli"])
     assert sorted(p.name for p in (tmp_path / "vae_digits").iterdir()) == ["version_3"]  # no empty version_4
 
 

@@ -1,4 +1,4 @@
-"""Observation models p(x | z): heads that turn a decoder's output into a distribution."""
+"""Binary and [0, 1] pixels: the Bernoulli (with its fused evaluation kernel) and the continuous Bernoulli."""
 
 from __future__ import annotations
 
@@ -6,22 +6,19 @@ import contextlib
 import logging
 import math
 import warnings
-from typing import Iterator, Literal, Optional, Sequence, Union
+from typing import Iterator, Optional
 
 import pyro.distributions as dist
 import torch
-from torch import nn
 from torch.nn.functional import binary_cross_entropy_with_logits, softplus
 
-from .ops import normal_log_prob
 
-__all__ = [
-    "Likelihood", "BernoulliLikelihood", "ContinuousBernoulliLikelihood", "GaussianLikelihood", "IndependentBernoulli",
-    "make_likelihood", "continuous_bernoulli_log_norm",
-    "compiled_log_prob",
-]
+from .base import Likelihood
 
-_logger = logging.getLogger(__name__)
+__all__ = ["BernoulliLikelihood", "ContinuousBernoulliLikelihood", "IndependentBernoulli", "compiled_log_prob",
+           "continuous_bernoulli_log_norm"]
+
+_logger = logging.getLogger("pyro_lvm.likelihoods")
 
 
 _BLOCK = 16
@@ -161,71 +158,6 @@ class IndependentBernoulli(dist.Independent):
         return super().log_prob(value) if out is None else out
 
 
-class Likelihood(nn.Module):
-    """Base class of observation models.
-
-    A likelihood maps the decoder's flat output ``h`` of shape ``(..., D)`` to a
-    distribution over ``x`` with ``event_shape`` equal to the data's shape, and
-    checks that data lie in its support before any work is done.
-
-    Arguments:
-        event_shape: the shape of one data point, e.g. ``(784,)`` or ``(1, 28, 28)``.
-    """
-
-    def __init__(self, event_shape: Union[int, Sequence[int]]):
-        super().__init__()
-        self.event_shape = torch.Size(
-            [event_shape] if isinstance(event_shape, int) else event_shape
-        )
-        self.data_dim = math.prod(self.event_shape)
-
-    def _unflatten(self, h: torch.Tensor) -> torch.Tensor:
-        return h.reshape(h.shape[:-1] + self.event_shape)
-
-    def forward(self, h: torch.Tensor) -> dist.TorchDistribution:
-        raise NotImplementedError
-
-    def mean(self, h: torch.Tensor) -> torch.Tensor:
-        """E[x | z] for decoder output ``h``."""
-        raise NotImplementedError
-
-    def log_density(self, h: torch.Tensor, x: torch.Tensor, reduce: bool = False) -> Optional[torch.Tensor]:
-        r""":math:`\log p(x \mid z)` written out for decoder output ``h`` of shape ``(..., D)``, or ``None``.
-
-        Per coordinate of ``x`` (the shape of ``h`` unflattened, ``x`` broadcast to it), or with ``reduce``
-        the total over everything; the same numbers as ``self(h).log_prob(x)`` without building a
-        distribution. A likelihood with such a form says so by returning it: the fast training step of the
-        built-in models (:mod:`pyro_lvm.training.fast_step`) asks for it and otherwise uses ``self(h)``.
-        ``None`` here: a subclass without a closed form keeps this.
-        """
-        return None
-
-    def check(self, x: torch.Tensor) -> None:
-        """Raise a ``ValueError`` naming the problem if ``x`` cannot be scored.
-
-        One pass over the batch (and one host sync); details are computed only on failure.
-        """
-        self._check_shape(x)
-        if not torch.isfinite(x).all():
-            self._raise_not_finite(x)
-
-    def _check_shape(self, x: torch.Tensor) -> None:
-        if x.shape[-len(self.event_shape) :] != self.event_shape:
-            raise ValueError(
-                f"{type(self).__name__} expects data of shape (batch, "
-                f"{', '.join(map(str, self.event_shape))}); got {tuple(x.shape)}. "
-                "Set the model's data_shape to match the data, or flatten the data."
-            )
-
-    @staticmethod
-    def _raise_not_finite(x: torch.Tensor) -> None:
-        bad = ~torch.isfinite(x)
-        raise ValueError(
-            f"Data contain {int(bad.sum())} NaN/inf values (first at index "
-            f"{tuple(bad.nonzero()[0].tolist())}). Clean or impute them before training."
-        )
-
-
 class BernoulliLikelihood(Likelihood):
     """Independent Bernoulli pixels, ``p(x | z) = prod_d Bern(x_d | sigmoid(h_d))``.
 
@@ -341,85 +273,3 @@ class ContinuousBernoulliLikelihood(Likelihood):
                 f"The continuous Bernoulli likelihood needs data in [0, 1]; got min={float(x.min()):.4g}, "
                 f"max={float(x.max()):.4g}. Rescale the data (e.g. divide 8-bit pixels by 255)."
             )
-
-
-class GaussianLikelihood(Likelihood):
-    """Independent Gaussian pixels, ``p(x | z) = prod_d N(x_d | h_d, sigma_d^2)``.
-
-    Arguments:
-        event_shape: the shape of one data point.
-        scale: a fixed standard deviation ``sigma`` (a float), or ``"learned"`` for
-            one learned ``sigma_d`` per dimension (softplus-parameterized, floored
-            at ``min_scale`` so the likelihood cannot collapse onto a point).
-        min_scale: floor of a learned scale.
-
-    Example:
-        >>> lik = GaussianLikelihood(2, scale=1.0)
-        >>> lik(torch.zeros(1, 2)).log_prob(torch.zeros(1, 2))
-        tensor([-1.8379])
-    """
-
-    def __init__(
-        self,
-        event_shape: Union[int, Sequence[int]],
-        scale: Union[float, Literal["learned"]] = "learned",
-        min_scale: float = 1e-3,
-    ):
-        super().__init__(event_shape)
-        self.min_scale = min_scale
-        if scale == "learned":
-            # softplus^-1(1 - min_scale): start at sigma = 1
-            init = math.log(math.expm1(1.0 - min_scale))
-            self.raw_scale = nn.Parameter(torch.full((self.data_dim,), init))
-        elif isinstance(scale, (int, float)) and scale > 0:
-            self.register_buffer("fixed_scale", torch.tensor(float(scale)))
-        else:
-            raise ValueError(
-                f"Gaussian likelihood scale must be a positive float or 'learned'; got {scale!r}."
-            )
-
-    @property
-    def scale(self) -> torch.Tensor:
-        """The observation standard deviation ``sigma`` (per dimension if learned)."""
-        if hasattr(self, "raw_scale"):
-            return self._unflatten(softplus(self.raw_scale) + self.min_scale)
-        return self.fixed_scale
-
-    def forward(self, h: torch.Tensor) -> dist.TorchDistribution:
-        loc = self._unflatten(h)
-        return dist.Normal(loc, self.scale.expand_as(loc)).to_event(len(self.event_shape))
-
-    def mean(self, h: torch.Tensor) -> torch.Tensor:
-        return self._unflatten(h)
-
-    def log_density(self, h: torch.Tensor, x: torch.Tensor, reduce: bool = False) -> torch.Tensor:
-        r""":math:`\log \mathcal N(x_d; h_d, \sigma_d^2)` per coordinate (:func:`pyro_lvm.ops.normal_log_prob`).
-
-        Example:
-            >>> lik = GaussianLikelihood(3, scale=0.5)
-            >>> h, x = torch.randn(2, 3), torch.randn(2, 3)
-            >>> bool(torch.allclose(lik.log_density(h, x).sum(-1), lik(h).log_prob(x)))
-            True
-        """
-        log_p = normal_log_prob(x, self._unflatten(h), self.scale)
-        return log_p.sum() if reduce else log_p
-
-
-def make_likelihood(
-    name: str,
-    event_shape: Union[int, Sequence[int]],
-    scale: Union[float, Literal["learned"]] = "learned",
-) -> Likelihood:
-    """Build a likelihood by name: ``"bernoulli"``, ``"continuous_bernoulli"`` (grey levels in [0, 1]) or ``"gaussian"``.
-
-    Example:
-        >>> make_likelihood("gaussian", 4, scale=0.1).scale
-        tensor(0.1000)
-    """
-    if name == "bernoulli":
-        return BernoulliLikelihood(event_shape)
-    if name == "continuous_bernoulli":
-        return ContinuousBernoulliLikelihood(event_shape)
-    if name == "gaussian":
-        return GaussianLikelihood(event_shape, scale=scale)
-    raise ValueError(f"Unknown likelihood {name!r}; choose 'bernoulli', 'continuous_bernoulli' or 'gaussian'.")
