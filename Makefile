@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 demo: $(VENV)/.installed
 	$(VENV)/bin/pyro-lvm fit
 
-# the suite in two worker processes (pytest-xdist; a test file stays in one worker): ~9 min on 2 cores
+# the suite in two worker processes (pytest-xdist; a test file stays in one worker): ~7 min on 2 cores
 test: $(VENV)/.installed
 	$(PY) -m pytest -q --doctest-modules -n auto --maxprocesses 4 --dist loadfile pyro_lvm tests
 
