@@ -56,6 +56,8 @@ class Prior(nn.Module):
     data_shape: Optional[torch.Size] = None
     #: the init arguments as plain data (``None``: built from objects no configuration rebuilds)
     config: Optional[dict] = {}
+    #: whether p(z) is N(0, I) (the closed-form KL and the latent monitor's KL per dimension apply)
+    standard_normal: bool = False
 
     def bind(self, latent_dim: int, data_shape: Union[int, Sequence[int]]) -> "Prior":
         """Fix the latent size and one data point's shape (the model calls this once); returns ``self``."""
@@ -107,6 +109,8 @@ class StandardNormalPrior(Prior):
         >>> p.distribution(None, torch.Size([3])).log_prob(torch.zeros(3, 2))
         tensor([-1.8379, -1.8379, -1.8379])
     """
+
+    standard_normal = True
 
     def build(self) -> None:
         self.register_buffer("zero", torch.zeros(()), persistent=False)

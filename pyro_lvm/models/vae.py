@@ -14,8 +14,8 @@ from ..flows.vae_flows import POSTERIOR_FLOWS, PRIOR_FLOWS
 from ..likelihoods import Likelihood, LikelihoodName, likelihood_config, make_likelihood
 from ..nets import MLP
 from ..parts import CUSTOM, build_part, part_config
-from ..posteriors import DiagonalGaussian, FlowPosterior, Posterior, make_posterior
-from ..priors import FlowPrior, Prior, StandardNormalPrior, make_prior
+from ..posteriors import Posterior, make_posterior
+from ..priors import Prior, make_prior
 from .base import LatentVariableModel
 
 __all__ = ["VAE"]
@@ -162,16 +162,16 @@ class VAE(LatentVariableModel):
     @property
     def prior_flow(self) -> Optional[nn.Module]:
         """The flow prior's transform (``None`` unless ``prior`` is a :class:`~pyro_lvm.priors.FlowPrior`)."""
-        return getattr(self.prior_part, "flow", None) if isinstance(self.prior_part, FlowPrior) else None
+        return getattr(self.prior_part, "flow", None)
 
     @property
     def posterior_flow(self) -> Optional[nn.Module]:
         """The flow posterior's transform (``None`` unless ``posterior`` is a :class:`~pyro_lvm.posteriors.FlowPosterior`)."""
-        return self.posterior_part.flow if isinstance(self.posterior_part, FlowPosterior) else None
+        return getattr(self.posterior_part, "flow", None)
 
     def standard_gaussian_latents(self) -> bool:
         """Whether q(z | x) is the encoder's diagonal Gaussian and p(z) = N(0, I) (the closed forms apply)."""
-        return (type(self.prior_part) is StandardNormalPrior and type(self.posterior_part) is DiagonalGaussian
+        return (self.prior_part.standard_normal and self.posterior_part.diagonal
                 and super().standard_gaussian_latents())
 
     def written_out_prior(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
